@@ -48,3 +48,27 @@ def sequence_logprobs(
     if average:
         return summed / mask.sum(-1).clamp(min=1)
     return summed
+
+
+def concatenated_forward(model, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over the ``[chosen; rejected]`` batch of :func:`dpo_lib.data.collate`.
+
+    Returns ``(chosen_logps, rejected_logps)``, each ``[B]``. One forward instead of two
+    halves the number of kernel launches and keeps batch statistics identical for both.
+
+    The LM head runs only from the position before the earliest completion token onward
+    (``logits_to_keep``): logits over the shared prompt prefix are never needed, and with
+    a 49k vocabulary they are most of the step's memory.
+    """
+    input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]    # (2B, T)
+    T = input_ids.shape[1]
+    has_completion = completion_mask.any(dim=1)
+    if not bool(has_completion.all()):
+        raise ValueError("every row of the batch needs at least one completion token")
+    first = int(completion_mask.float().argmax(dim=1).min())                      # earliest completion token
+    start = max(first - 1, 0)                                                      # its logit sits one before
+    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False,
+                logits_to_keep=T - start)
+    logits = out.logits                                                            # (2B, T - start, V)
+    logps = sequence_logprobs(logits, input_ids[:, start:], completion_mask[:, start:], average=average)
+    return logps.chunk(2)                                                          # (B,), (B,)

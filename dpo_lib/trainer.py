@@ -1,0 +1,302 @@
+"""The DPO training loop, from scratch: AdamW, warm-up then decay, accumulation, clipping.
+
+One optimizer step takes ``batch_size`` preference pairs, in ``grad_accum`` micro-batches.
+For each micro-batch: one forward of the policy over the concatenated ``[chosen; rejected]``
+sequences (:func:`dpo_lib.logprobs.concatenated_forward`), reference log-probs from the
+cache or a frozen model under ``no_grad`` (:mod:`dpo_lib.reference`), the loss of
+:func:`dpo_lib.losses.dpo_loss`, backward. Then clip, step, schedule.
+
+Metrics use TRL's names (see COURSE.md); each step appends one JSON line to
+``OUT/metrics.jsonl``. Checkpoints (``OUT/checkpoints/step-N``) hold the model
+(safetensors), optimizer, scheduler, RNG states and the position in the data; they are
+written to a temporary folder and renamed, so a crash mid-save leaves the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+
+from .data import collate
+from .logprobs import concatenated_forward
+from .losses import chosen_nll, dpo_loss
+
+METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected")
+
+
+@dataclass
+class TrainConfig:
+    beta: float = 0.1              # KL strength: higher keeps the policy closer to the reference
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0   # > 0: conservative DPO (sigmoid) or robust DPO (robust)
+    nll_weight: float = 0.0        # > 0: DPO + NLL on the chosen response
+    learning_rate: float = 5e-6    # DPO wants ~10x lower than SFT: it starts from a good model
+    batch_size: int = 8            # pairs per optimizer step
+    grad_accum: int = 1            # micro-batches per step (micro-batch = batch_size / grad_accum)
+    max_steps: int = 0             # 0: one pass over the data (epochs)
+    epochs: int = 1
+    warmup_ratio: float = 0.1
+    schedule: str = "cosine"       # cosine | linear | constant (after warm-up)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    print_every: int = 8           # metrics table every N steps (0: never)
+    save_every: int = 0            # checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 2
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss or gradient norm: training stopped before the bad update."""
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = (step - warmup) / (total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+def format_table(title: str, metrics: dict) -> str:
+    """The boxed metric table printed during training (the tinker guide's layout)."""
+    rows = [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
+    w1, w2 = max(len(k) for k, _ in rows), max(len(v) for _, v in rows)
+    line = f"+{'-' * (w1 + 2)}+{'-' * (w2 + 2)}+"
+    body = [f"| {k:<{w1}} | {v:<{w2}} |" for k, v in rows]
+    return "\n".join([title.center(len(line)), line, f"| {'metric':<{w1}} | {'value':<{w2}} |", line, *body, line])
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class DPOTrainer:
+    """Train ``model`` on tokenized ``features`` (see :func:`dpo_lib.data.tokenize_rows`).
+
+    ``reference`` is a callable batch -> (chosen, rejected) log-probs, e.g.
+    :class:`dpo_lib.reference.FrozenReference`; leave it ``None`` when every feature already
+    carries ``ref_chosen_logps`` / ``ref_rejected_logps`` (precomputed).
+    """
+
+    def __init__(self, model, features: list[dict], config: TrainConfig, pad_token_id: int,
+                 reference=None, out_dir: str | Path | None = None, accelerator=None):
+        if config.batch_size % config.grad_accum:
+            raise ValueError(f"batch_size={config.batch_size} is not divisible by grad_accum={config.grad_accum}")
+        if reference is None and "ref_chosen_logps" not in features[0]:
+            raise ValueError("no reference: pass reference=... or precompute reference log-probs")
+        self.model, self.features, self.config = model, features, config
+        self.pad_token_id, self.reference = pad_token_id, reference
+        self.out = Path(out_dir) if out_dir else None
+        self.accelerator = accelerator
+        self.steps_per_epoch = len(features) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(features)} pairs is fewer than one batch of {config.batch_size}")
+        self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
+        self.warmup_steps = round(config.warmup_ratio * self.total_steps)
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.learning_rate)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, config.schedule))
+        self.step = 0
+        self.num_tokens = 0
+        self.history: list[dict] = []
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        np.random.seed(config.seed)
+
+    # ------------------------------------------------------------------ data order
+
+    def batch_indices(self, step: int) -> list[int]:
+        """Pair indices of optimizer step ``step``: a seeded shuffle per epoch, so the
+        position in the data is a function of the step alone (exact resume)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng(self.config.seed + epoch).permutation(len(self.features))
+        bs = self.config.batch_size
+        return order[k * bs:(k + 1) * bs].tolist()
+
+    # ------------------------------------------------------------------ one step
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Loss of one collated micro-batch and its metrics (TRL names)."""
+        c = self.config
+        chosen, rejected = concatenated_forward(self.model, batch)                 # (B,), (B,)
+        if "ref_chosen_logps" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self.reference(batch)                        # no_grad inside
+        losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected,
+                                                beta=c.beta, loss_type=c.loss_type,
+                                                label_smoothing=c.label_smoothing)
+        loss = losses.mean()
+        metrics = {"loss": loss.item()}
+        if c.nll_weight:
+            n_chosen = batch["completion_mask"][:, 1:].sum(1).chunk(2)[0]           # scored chosen tokens
+            nll = chosen_nll(chosen, n_chosen).mean()
+            loss = loss + c.nll_weight * nll
+            metrics["nll"] = nll.item()
+        metrics.update({
+            "rewards/chosen": r_chosen.mean().item(),
+            "rewards/rejected": r_rejected.mean().item(),
+            "rewards/accuracies": (r_chosen > r_rejected).float().mean().item(),
+            "rewards/margins": (r_chosen - r_rejected).mean().item(),
+            "logps/chosen": chosen.detach().mean().item(),
+            "logps/rejected": rejected.detach().mean().item(),
+        })
+        return loss, metrics
+
+    def train_step(self) -> dict:
+        c = self.config
+        t0 = time.perf_counter()
+        self.model.train()
+        idx = self.batch_indices(self.step)
+        micro = c.batch_size // c.grad_accum
+        sums: dict[str, float] = {}
+        tokens = 0
+        for a in range(c.grad_accum):
+            batch = collate([self.features[i] for i in idx[a * micro:(a + 1) * micro]], self.pad_token_id)
+            tokens += int(batch["attention_mask"].sum())
+            loss, m = self.compute_loss(batch)
+            if not math.isfinite(m["loss"]):
+                self._stop(f"non-finite loss ({m['loss']})")
+            scaled = loss / c.grad_accum  # equal micro-batches: the mean over the whole step
+            self.accelerator.backward(scaled) if self.accelerator else scaled.backward()
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v / c.grad_accum
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm))
+        if not math.isfinite(grad_norm):
+            self._stop(f"non-finite gradient norm ({grad_norm})")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.num_tokens += tokens
+        dt = time.perf_counter() - t0
+        metrics = {"step": self.step, **sums, "num_tokens": self.num_tokens,
+                   "tokens_per_second": tokens / dt, "learning_rate": lr, "grad_norm": grad_norm,
+                   "epoch": self.step / self.steps_per_epoch, "step_seconds": dt}
+        self.history.append(metrics)
+        return metrics
+
+    def _stop(self, what: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        last = self.latest_checkpoint()
+        raise NonFiniteError(
+            f"step {self.step + 1}: {what}; the update was not applied. "
+            + (f"Last good checkpoint: {last} (resume with --resume). " if last else "No checkpoint was written. ")
+            + "Try a lower --learning-rate, a smaller --beta for IPO, float32 instead of float16, "
+              "or check the data for empty or truncated responses.")
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self, resume: bool = False, progress: bool = True, kill_after_save: int | None = None) -> list[dict]:
+        """Run until ``total_steps``. ``resume=True`` continues from the last checkpoint in ``out_dir``."""
+        if resume:
+            last = self.latest_checkpoint()
+            if last is None:
+                print(f"[dpo_lib] --resume: no checkpoint in {self.out}, starting from step 0")
+            else:
+                self.load_checkpoint(last)
+                print(f"[dpo_lib] resumed from {last} (step {self.step}/{self.total_steps})")
+        metrics_file = open(self.out / "metrics.jsonl", "a") if self.out else None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="DPO", disable=not progress, dynamic_ncols=True)
+        try:
+            while self.step < self.total_steps:
+                m = self.train_step()
+                if metrics_file:
+                    metrics_file.write(json.dumps(m) + "\n")
+                    metrics_file.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}")
+                c = self.config
+                if c.print_every and (self.step % c.print_every == 0 or self.step == self.total_steps):
+                    table = {"accuracy": m["rewards/accuracies"], "dpo_loss": m["loss"],
+                             "margin": m["rewards/margins"], "chosen_reward": m["rewards/chosen"],
+                             "rejected_reward": m["rewards/rejected"], "learning_rate": m["learning_rate"],
+                             "grad_norm": m["grad_norm"], "num_pairs": self.step * c.batch_size,
+                             "num_tokens": m["num_tokens"], "tokens_per_second": m["tokens_per_second"],
+                             "progress": self.step / self.total_steps}
+                    tqdm.write(format_table(f"Step {self.step}", table))
+                if self.out and self.config.save_every and self.step % self.config.save_every == 0:
+                    self.save_checkpoint()
+                    if kill_after_save is not None and self.step >= kill_after_save:
+                        os.kill(os.getpid(), 9)  # test hook: die like a SIGKILLed job
+        finally:
+            bar.close()
+            if metrics_file:
+                metrics_file.close()
+        return self.history
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def latest_checkpoint(self) -> Path | None:
+        if self.out is None:
+            return None
+        pointer = self.out / "checkpoints" / "latest"
+        if pointer.is_file():
+            path = self.out / "checkpoints" / pointer.read_text().strip()
+            if (path / "trainer_state.json").is_file():
+                return path
+        return None
+
+    def save_checkpoint(self) -> Path:
+        root = self.out / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        name = f"step-{self.step:06d}"
+        tmp = root / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_model(self.model, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+        state = {"step": self.step, "num_tokens": self.num_tokens, "config": asdict(self.config),
+                 "history": self.history}
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        for f in tmp.iterdir():  # flush file contents before the rename makes them visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        final = root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_write_text(root / "latest", name)
+        kept = sorted(p for p in root.glob("step-*") if p.is_dir())
+        for old in kept[:-self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        load_model(self.model, str(path / "model.safetensors"))
+        state = torch.load(path / "optimizer.pt", weights_only=True)  # tensors and numbers only: no pickle code
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        meta = json.loads((path / "trainer_state.json").read_text())
+        self.step, self.num_tokens, self.history = meta["step"], meta["num_tokens"], meta["history"]
+        if self.out and (self.out / "metrics.jsonl").is_file():  # drop lines logged after this checkpoint
+            lines = (self.out / "metrics.jsonl").read_text().splitlines()
+            _atomic_write_text(self.out / "metrics.jsonl", "".join(l + "\n" for l in lines[:self.step]))
