@@ -18,7 +18,7 @@ import math
 import torch
 
 from .data import collate, collate_sequences
-from .logprobs import concatenated_forward, sequence_logprobs
+from .logprobs import concatenated_forward
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float]:
@@ -63,8 +63,7 @@ def completion_logps(model, samples: list[dict], pad_token_id: int, batch_size: 
         chunk = samples[i:i + batch_size]
         batch = collate_sequences([s["prompt_ids"] for s in chunk], [s["response_ids"] for s in chunk], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        out += sequence_logprobs(logits, batch["input_ids"], batch["completion_mask"]).tolist()
+        out += torch.cat(concatenated_forward(model, batch)).tolist()
     model.train(was_training)
     return out
 

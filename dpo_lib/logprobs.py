@@ -67,7 +67,9 @@ def concatenated_forward(model, batch: dict, average: bool = False) -> tuple[tor
         raise ValueError("every row of the batch needs at least one completion token")
     first = int(completion_mask.float().argmax(dim=1).min())                      # earliest completion token
     start = max(first - 1, 0)                                                      # its logit sits one before
-    out = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False,
+    attention_mask = batch["attention_mask"]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)                   # left padding works too
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                 logits_to_keep=T - start)
     logits = out.logits                                                            # (2B, T - start, V)
     logps = sequence_logprobs(logits, input_ids[:, start:], completion_mask[:, start:], average=average)
