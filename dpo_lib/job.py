@@ -60,8 +60,6 @@ def run(out: Path, model_name=None, dataset: Path = DEFAULT_TRAIN, eval_dataset:
         trust_remote_code: bool = False, kill_after_save: int | None = None) -> dict:
     t_start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    if not resume and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
     torch.manual_seed(config.seed)
 
     train_rows, train_report = D.load_preferences(dataset, skip_invalid=skip_invalid)

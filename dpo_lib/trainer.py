@@ -106,6 +106,8 @@ class DPOTrainer:
         self.model, self.features, self.config = model, features, config
         self.pad_token_id, self.reference = pad_token_id, reference
         self.out = Path(out_dir) if out_dir else None
+        if self.out:
+            self.out.mkdir(parents=True, exist_ok=True)
         self.accelerator = accelerator
         self.steps_per_epoch = len(features) // config.batch_size
         if self.steps_per_epoch == 0:
@@ -223,7 +225,7 @@ class DPOTrainer:
             else:
                 self.load_checkpoint(last)
                 print(f"[dpo_lib] resumed from {last} (step {self.step}/{self.total_steps})")
-        metrics_file = open(self.out / "metrics.jsonl", "a") if self.out else None
+        metrics_file = open(self.out / "metrics.jsonl", "a" if self.step else "w") if self.out else None
         bar = tqdm(total=self.total_steps, initial=self.step, desc="DPO", disable=not progress, dynamic_ncols=True)
         try:
             while self.step < self.total_steps:

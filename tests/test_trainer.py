@@ -1,0 +1,138 @@
+import math
+
+import pytest
+import torch
+
+from dpo_lib.data import tokenize_rows
+from dpo_lib.reference import AdapterDisabledReference, FrozenReference, precompute_reference_logps
+from dpo_lib.trainer import DPOTrainer, NonFiniteError, TrainConfig, lr_factor
+
+from _tiny import tiny, toy_rows
+
+
+def features(model, tok, n=16):
+    f, _ = tokenize_rows(tok, toy_rows(n))
+    return precompute_reference_logps(FrozenReference(model), f, tok.pad_token_id)
+
+
+def config(**kw):
+    base = dict(batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, schedule="constant", print_every=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = [lr_factor(s, 10, 2, "cosine") for s in range(10)]
+    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0) and f[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[2:], f[3:])) and f[-1] < 0.05
+    assert lr_factor(5, 10, 0, "linear") == pytest.approx(0.5)
+
+
+def test_first_step_loss_is_ln2_and_training_learns_the_preference():
+    model, tok = tiny()
+    feats = features(model, tok)
+    trainer = DPOTrainer(model, feats, config(max_steps=24), tok.pad_token_id)
+    history = trainer.train(progress=False)
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert history[-1]["loss"] < 0.3
+    assert history[-1]["rewards/accuracies"] == 1.0 and history[-1]["rewards/margins"] > 0
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "num_tokens", "tokens_per_second", "learning_rate", "grad_norm"):
+        assert key in history[-1]
+
+
+def test_gradient_accumulation_equals_full_batch():
+    results = []
+    for accum in (1, 2, 4):
+        model, tok = tiny()
+        trainer = DPOTrainer(model, features(model, tok, 8), config(max_steps=2, grad_accum=accum), tok.pad_token_id)
+        trainer.train(progress=False)
+        results.append(torch.cat([p.flatten() for p in model.parameters()]))
+    assert torch.allclose(results[0], results[1], atol=1e-6) and torch.allclose(results[0], results[2], atol=1e-6)
+
+
+def test_frozen_reference_has_no_grad_and_does_not_move():
+    model, tok = tiny()
+    reference = FrozenReference(model)
+    before = [p.clone() for p in reference.model.parameters()]
+    f, _ = tokenize_rows(tok, toy_rows(8))
+    trainer = DPOTrainer(model, f, config(max_steps=3), tok.pad_token_id, reference=reference)
+    history = trainer.train(progress=False)
+    assert all(not p.requires_grad for p in reference.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, reference.model.parameters()))
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_precomputed_reference_equals_live_reference():
+    torch.manual_seed(0)
+    m1, tok = tiny()
+    m2, _ = tiny()
+    f, _ = tokenize_rows(tok, toy_rows(8))
+    live = DPOTrainer(m1, f, config(max_steps=3), tok.pad_token_id, reference=FrozenReference(m1))
+    pre = DPOTrainer(m2, features(m2, tok, 8), config(max_steps=3), tok.pad_token_id)
+    h1, h2 = live.train(progress=False), pre.train(progress=False)
+    assert [h["loss"] for h in h1] == pytest.approx([h["loss"] for h in h2], abs=1e-6)
+
+
+def test_reference_cache_is_reused(tmp_path):
+    model, tok = tiny()
+    f, _ = tokenize_rows(tok, toy_rows(4))
+    first = precompute_reference_logps(FrozenReference(model), f, tok.pad_token_id, cache_dir=tmp_path, model_key="m")
+
+    def boom(batch):
+        raise AssertionError("recomputed although cached")
+    second = precompute_reference_logps(boom, f, tok.pad_token_id, cache_dir=tmp_path, model_key="m")
+    assert [x["ref_chosen_logps"] for x in first] == [x["ref_chosen_logps"] for x in second]
+
+
+def test_lora_reference_is_the_base_with_adapter_disabled():
+    peft = pytest.importorskip("peft")
+    model, tok = tiny()
+    base_ref = FrozenReference(model)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    f, _ = tokenize_rows(tok, toy_rows(4))
+    from dpo_lib.data import collate
+    batch = collate(f, tok.pad_token_id)
+    ref = AdapterDisabledReference(lora)
+    c, r = ref(batch)
+    c0, r0 = base_ref(batch)
+    assert torch.allclose(c, c0, atol=1e-5) and torch.allclose(r, r0, atol=1e-5)
+    from dpo_lib.logprobs import concatenated_forward
+    with torch.no_grad():
+        cp, _ = concatenated_forward(lora, batch)
+    assert not torch.allclose(cp, c0, atol=1e-3)  # the adapter is live for the policy
+
+
+def test_resume_in_process_gives_identical_weights(tmp_path):
+    def trainer(out):
+        model, tok = tiny()
+        cfg = config(max_steps=6, save_every=2, warmup_ratio=0.3, schedule="cosine")
+        return DPOTrainer(model, features(model, tok), cfg, tok.pad_token_id, out_dir=out)
+
+    straight = trainer(tmp_path / "a")
+    straight.train(progress=False)
+    first = trainer(tmp_path / "b")
+    for _ in range(3):
+        first.train_step()
+    first.save_checkpoint()
+    first.train_step()  # progress after the checkpoint is lost, as in a crash
+    resumed = trainer(tmp_path / "b")
+    resumed.train(resume=True, progress=False)
+    assert resumed.history[0]["step"] == 1 and len(resumed.history) == 6
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
+    model, tok = tiny()
+    feats = features(model, tok, 8)
+    t = DPOTrainer(model, feats, config(max_steps=4, save_every=1), tok.pad_token_id, out_dir=tmp_path)
+    t.train_step()
+    t.save_checkpoint()
+    for f in feats:
+        f["ref_chosen_logps"] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"step 2: non-finite loss.*step-000001.*learning-rate"):
+        t.train_step()
+    assert t.latest_checkpoint().name == "step-000001"
