@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--skip-invalid", action="store_true", help="drop bad rows instead of stopping")
     t.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt for the true reward")
     t.add_argument("--max-eval-prompts", type=int, default=64)
+    t.add_argument("--max-new-tokens", type=int, default=40, help="length of evaluation samples")
     t.add_argument("--_kill-after-save", type=int, default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("pairs", help="sample N responses per prompt, score them, keep best vs worst")
@@ -105,7 +106,7 @@ def cmd_train(a) -> int:
                          save_every=a.save_every)
     summary = run(out, model_name=a.model, dataset=a.dataset, eval_dataset=None if a.no_eval else a.eval_dataset,
                   config=config, reward=None if a.reward == "none" else a.reward, max_length=a.max_length,
-                  max_prompt_length=a.max_prompt_length, eval_samples=a.eval_samples,
+                  max_prompt_length=a.max_prompt_length, eval_samples=a.eval_samples, max_new_tokens=a.max_new_tokens,
                   max_eval_prompts=a.max_eval_prompts, skip_invalid=a.skip_invalid, resume=a.resume,
                   trust_remote_code=a.trust_remote_code, kill_after_save=a._kill_after_save)
     keys = ["heldout_accuracy_before", "heldout_accuracy_after", "reward_before", "reward_after", "reward_gain",
