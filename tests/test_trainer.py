@@ -136,3 +136,25 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
     with pytest.raises(NonFiniteError, match=r"step 2: non-finite loss.*step-000001.*learning-rate"):
         t.train_step()
     assert t.latest_checkpoint().name == "step-000001"
+
+
+def test_a_crash_during_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from dpo_lib import trainer as T
+    model, tok = tiny()
+    t = DPOTrainer(model, features(model, tok, 8), config(max_steps=4), tok.pad_token_id, out_dir=tmp_path)
+    t.train_step()
+    good = t.save_checkpoint()
+    t.train_step()
+
+    def dies_mid_write(m, path):
+        open(path, "wb").write(b"partial")
+        raise KeyboardInterrupt("killed during save")
+    monkeypatch.setattr(T, "save_model", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        t.save_checkpoint()
+    assert t.latest_checkpoint() == good
+    monkeypatch.undo()
+    fresh_model, _ = tiny(seed=3)
+    fresh = DPOTrainer(fresh_model, features(model, tok, 8), config(max_steps=4), tok.pad_token_id, out_dir=tmp_path)
+    fresh.load_checkpoint(good)  # the last good checkpoint still loads
+    assert fresh.step == 1
