@@ -170,6 +170,9 @@ def cmd_validate(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["exercises"]:  # its own options (--check, --solutions, --exercises) pass straight through
+        from .exercises import main as exercises_main
+        return exercises_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
@@ -178,9 +181,6 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_pairs(args)
         if args.command == "validate":
             return cmd_validate(args)
-        if args.command == "exercises":
-            from .exercises import main as exercises_main
-            return exercises_main(args.rest)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

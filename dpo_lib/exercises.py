@@ -1,0 +1,174 @@
+"""Exercise notebooks are generated from the solution notebooks; never edit them by hand.
+
+In a solution notebook (``solutions/*.ipynb``), the learner's part of a code cell sits
+between two marker comments; the text after ``BEGIN SOLUTION`` is the hint::
+
+    def optimal_policy(ref_probs, rewards, beta):
+        # BEGIN SOLUTION multiply pi_ref by exp(r / beta), then normalise
+        unnormalised = ref_probs * torch.exp(rewards / beta)
+        return unnormalised / unnormalised.sum()
+        # END SOLUTION
+
+:func:`generate` writes ``exercises/<same name>.ipynb`` where each region (markers
+included) becomes one line, at the indentation of the ``BEGIN`` marker::
+
+        raise NotImplementedError("TODO: multiply pi_ref by exp(r / beta), then normalise")
+
+Outputs are kept up to the first exercise (the lesson's demos stay readable) and cleared
+from there on, except in ``# NBVAL_CHECK_OUTPUT`` cells, whose stored output is what the
+learner must reproduce. A short note is added after the title, and Colab links point to the
+exercise. :func:`check` lists the exercise files that are out of sync (CI runs it).
+
+Command line: ``python -m dpo_lib exercises [--check]`` (see :func:`main`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+BEGIN = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION\b[ \t]*(?P<hint>.*?)[ \t]*$")
+END = re.compile(r"^[ \t]*# END SOLUTION\b")
+TODO = re.compile(r'^[ \t]*raise NotImplementedError\(["\']TODO')
+DEFAULT_HINT = "write your solution here"
+NOTE_ID = "exercise-note"
+
+
+def _todo_line(indent: str, hint: str) -> str:
+    message = "TODO: " + (hint or DEFAULT_HINT)
+    literal = f'"{message}"' if '"' not in message and "\\" not in message else repr(message)
+    return f"{indent}raise NotImplementedError({literal})"
+
+
+def solution_regions(source: str) -> list[tuple[int, int]]:
+    """``(begin, end)`` line indices (inclusive) of each marked region; ``ValueError`` if unbalanced."""
+    regions, start = [], None
+    for i, line in enumerate(source.splitlines()):
+        if BEGIN.match(line):
+            if start is not None:
+                raise ValueError(f"line {i + 1}: BEGIN SOLUTION inside another solution region")
+            start = i
+        elif END.match(line):
+            if start is None:
+                raise ValueError(f"line {i + 1}: END SOLUTION without BEGIN SOLUTION")
+            regions.append((start, i))
+            start = None
+    if start is not None:
+        raise ValueError(f"line {start + 1}: BEGIN SOLUTION is never closed")
+    return regions
+
+
+def strip_solutions(source: str) -> str:
+    """Replace each solution region of a cell's source by a ``raise NotImplementedError`` line."""
+    lines = source.splitlines()
+    for begin, end in reversed(solution_regions(source)):
+        m = BEGIN.match(lines[begin])
+        lines[begin:end + 1] = [_todo_line(m["indent"], m["hint"])]
+    return "\n".join(lines)
+
+
+def make_exercise(solution: nbformat.NotebookNode, name: str = "") -> nbformat.NotebookNode:
+    """The exercise version of a solution notebook (a new notebook; the input is unchanged)."""
+    nb = copy.deepcopy(solution)
+    seen_exercise = False
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and name:
+            cell.source = cell.source.replace(f"solutions/{name}", f"exercises/{name}")
+        cell.metadata.pop("execution", None)  # execution timestamps: noise
+        if cell.cell_type != "code":
+            continue
+        has_solution = bool(solution_regions(cell.source))
+        seen_exercise = seen_exercise or has_solution
+        if has_solution:
+            cell.source = strip_solutions(cell.source)
+        if seen_exercise and (has_solution or "# NBVAL_CHECK_OUTPUT" not in cell.source):
+            cell.outputs, cell.execution_count = [], None
+    note = nbformat.v4.new_markdown_cell(
+        "> **Practice notebook.** Replace each `raise NotImplementedError(\"TODO: ...\")` with your code and "
+        "run the check cell below it. To check the whole notebook: "
+        f"`pytest --nbval-lax exercises/{name}`.  \n"
+        f"> *Course authors:* this file is generated from `solutions/{name}` by "
+        "`python -m dpo_lib exercises`; edit the solution, then regenerate."
+    )
+    note.id = NOTE_ID
+    nb.cells.insert(1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0, note)
+    return nb
+
+
+def fill_solutions(exercise: nbformat.NotebookNode, solution: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Put the solution regions back into an exercise notebook, in order (used by the tests)."""
+    nb = copy.deepcopy(exercise)
+    ex_cells = [c for c in nb.cells if c.cell_type == "code"]
+    sol_cells = [c for c in solution.cells if c.cell_type == "code"]
+    if len(ex_cells) != len(sol_cells):
+        raise ValueError("the exercise and the solution have different numbers of code cells")
+    for ex, sol in zip(ex_cells, sol_cells):
+        sol_lines = sol.source.splitlines()
+        regions = iter([sol_lines[b:e + 1] for b, e in solution_regions(sol.source)])
+        out = []
+        for line in ex.source.splitlines():
+            out.extend(next(regions) if TODO.match(line) else [line])
+        if next(regions, None) is not None:
+            raise ValueError("a solution region has no TODO line in the exercise")
+        ex.source = "\n".join(out)
+    return nb
+
+
+def _dumps(nb: nbformat.NotebookNode) -> str:
+    return nbformat.writes(nb) + "\n"
+
+
+def _expected(solutions_dir: Path) -> dict[str, str]:
+    return {p.name: _dumps(make_exercise(nbformat.read(p, as_version=4), p.name))
+            for p in sorted(Path(solutions_dir).glob("*.ipynb"))}
+
+
+def generate(solutions_dir: str | Path = "solutions", exercises_dir: str | Path = "exercises") -> list[Path]:
+    """Write one exercise notebook per solution notebook; returns the paths written."""
+    exercises_dir = Path(exercises_dir)
+    exercises_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in _expected(Path(solutions_dir)).items():
+        path = exercises_dir / name
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def check(solutions_dir: str | Path = "solutions", exercises_dir: str | Path = "exercises") -> list[Path]:
+    """Exercise files that are missing, stale, or have no solution. Empty list = in sync."""
+    exercises_dir = Path(exercises_dir)
+    expected = _expected(Path(solutions_dir))
+    stale = [exercises_dir / name for name, text in expected.items()
+             if not (exercises_dir / name).exists() or (exercises_dir / name).read_text(encoding="utf-8") != text]
+    orphans = [p for p in sorted(exercises_dir.glob("*.ipynb")) if p.name not in expected]
+    return stale + orphans
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dpo_lib exercises [--check] [--solutions DIR] [--exercises DIR]``; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m dpo_lib exercises",
+                                     description="Generate exercise notebooks from the solution notebooks.")
+    parser.add_argument("--check", action="store_true", help="only report out-of-sync exercise files (exit 1 if any)")
+    parser.add_argument("--solutions", default="solutions", help="folder of solution notebooks (default: solutions)")
+    parser.add_argument("--exercises", default="exercises", help="folder of exercise notebooks (default: exercises)")
+    args = parser.parse_args(argv)
+    if args.check:
+        bad = check(args.solutions, args.exercises)
+        for path in bad:
+            print(f"out of sync: {path}")
+        if bad:
+            print("run `python -m dpo_lib exercises` to regenerate them")
+        return int(bool(bad))
+    for path in generate(args.solutions, args.exercises):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Exercise notebooks: generated from solutions/, in sync, failing at their TODOs, passing when solved."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient.exceptions import CellExecutionError
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+from dpo_lib import exercises as ex
+
+REPO = Path(__file__).resolve().parents[1]
+SOLUTIONS = sorted((REPO / "solutions").glob("*.ipynb"))
+
+SOLUTION_CELL = '''def f(x):
+    if x > 0:
+        # BEGIN SOLUTION double it
+        y = 2 * x
+        return y
+        # END SOLUTION
+    return 0
+
+
+def g(x):
+    # BEGIN SOLUTION
+    return -x
+    # END SOLUTION'''
+
+
+def _stream(text):
+    return new_output("stream", name="stdout", text=text)
+
+
+def _solution_notebook():
+    nb = new_notebook(cells=[
+        new_markdown_cell("# Title [badge](https://colab/blob/main/solutions/x.ipynb)"),
+        new_code_cell("print('setup')", outputs=[_stream("setup\n")], execution_count=1),
+        new_code_cell(SOLUTION_CELL, outputs=[_stream("hidden\n")], execution_count=2),
+        new_code_cell("print(f(2))", outputs=[_stream("4\n")], execution_count=3),
+        new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(g(1))", outputs=[_stream("-1\n")], execution_count=4),
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+def test_strip_keeps_indentation_and_hint():
+    stripped = ex.strip_solutions(SOLUTION_CELL)
+    assert '        raise NotImplementedError("TODO: double it")' in stripped.splitlines()
+    assert f'    raise NotImplementedError("TODO: {ex.DEFAULT_HINT}")' in stripped.splitlines()
+    assert "2 * x" not in stripped and "-x" not in stripped and "SOLUTION" not in stripped
+    assert "    return 0" in stripped.splitlines()
+    compile(stripped, "<exercise>", "exec")
+
+
+@pytest.mark.parametrize("source", [
+    "# BEGIN SOLUTION\nx = 1",
+    "x = 1\n# END SOLUTION",
+    "# BEGIN SOLUTION\n# BEGIN SOLUTION\n# END SOLUTION",
+])
+def test_unbalanced_markers_raise(source):
+    with pytest.raises(ValueError):
+        ex.strip_solutions(source)
+
+
+def test_make_exercise():
+    sol = _solution_notebook()
+    nb = ex.make_exercise(sol, "x.ipynb")
+    assert sol.cells[2].outputs  # the input is not modified
+    title, note, setup, todo, after, checked = nb.cells
+    assert "exercises/x.ipynb" in title.source and "solutions/x.ipynb" not in title.source
+    assert note.cell_type == "markdown" and note.id == ex.NOTE_ID
+    assert setup.outputs and setup.execution_count == 1  # before the first exercise: kept
+    assert todo.outputs == [] and todo.execution_count is None and "NotImplementedError" in todo.source
+    assert after.outputs == []  # after the first exercise: cleared...
+    assert checked.outputs  # ...except the expected output of NBVAL_CHECK_OUTPUT cells
+    filled = ex.fill_solutions(nb, sol)
+    assert [c.source for c in filled.cells if c.cell_type == "code"] == [
+        c.source for c in sol.cells if c.cell_type == "code"]
+
+
+def test_generate_check_and_main(tmp_path, capsys):
+    sol_dir, ex_dir = tmp_path / "solutions", tmp_path / "exercises"
+    sol_dir.mkdir()
+    nbformat.write(_solution_notebook(), sol_dir / "x.ipynb")
+    args = ["--solutions", str(sol_dir), "--exercises", str(ex_dir)]
+    assert ex.check(sol_dir, ex_dir) == [ex_dir / "x.ipynb"]  # missing
+    assert ex.main(args + ["--check"]) == 1
+    assert ex.main(args) == 0
+    assert ex.check(sol_dir, ex_dir) == [] and ex.main(args + ["--check"]) == 0
+    assert ex.generate(sol_dir, ex_dir) == [ex_dir / "x.ipynb"]
+    assert ex.check(sol_dir, ex_dir) == []  # regenerating is deterministic
+    (ex_dir / "x.ipynb").write_text((ex_dir / "x.ipynb").read_text().replace("TODO", "DONE"))
+    assert ex.check(sol_dir, ex_dir) == [ex_dir / "x.ipynb"]  # edited by hand
+    ex.generate(sol_dir, ex_dir)
+    nbformat.write(_solution_notebook(), ex_dir / "orphan.ipynb")
+    assert ex.check(sol_dir, ex_dir) == [ex_dir / "orphan.ipynb"]  # no solution behind it
+    assert "out of sync" in capsys.readouterr().out
+
+
+def test_committed_exercises_are_in_sync():
+    stale = ex.check(REPO / "solutions", REPO / "exercises")
+    assert stale == [], f"regenerate with `python -m dpo_lib exercises`: {stale}"
+
+
+def test_every_solution_has_exercises():
+    for path in SOLUTIONS:
+        nb = nbformat.read(path, as_version=4)
+        assert sum(len(ex.solution_regions(c.source)) for c in nb.cells if c.cell_type == "code") >= 1, path.name
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("solution", SOLUTIONS, ids=[p.name for p in SOLUTIONS])
+def test_shipped_exercise_fails_at_its_first_todo(solution, execute_notebook):
+    exercise = nbformat.read(REPO / "exercises" / solution.name, as_version=4)
+    with pytest.raises(CellExecutionError) as err:
+        execute_notebook(exercise, cwd=REPO / "exercises")
+    assert err.value.ename == "NotImplementedError"
+    first_todo = next(line for c in exercise.cells if c.cell_type == "code"
+                      for line in c.source.splitlines() if ex.TODO.match(line))
+    message = first_todo.split("NotImplementedError(", 1)[1][1:-2]  # the TODO text, without quotes
+    assert message in err.value.evalue
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("solution", SOLUTIONS, ids=[p.name for p in SOLUTIONS])
+def test_exercise_with_solutions_put_back_passes(solution, execute_notebook):
+    exercise = nbformat.read(REPO / "exercises" / solution.name, as_version=4)
+    filled = ex.fill_solutions(exercise, nbformat.read(solution, as_version=4))
+    assert not any(ex.TODO.match(line) for c in filled.cells if c.cell_type == "code"
+                   for line in c.source.splitlines())
+    execute_notebook(filled, cwd=REPO / "exercises")  # raises CellExecutionError on any failing cell
