@@ -1,0 +1,226 @@
+"""LoRA and QLoRA wiring for DPO: peft adapters, a 4-bit base, the right dtype, merging.
+
+LoRA (Hu et al. 2021) freezes a weight ``W`` (``d_out × d_in``) and learns a low-rank
+update: the layer computes ``W x + (alpha / r) · B A x`` with ``A`` (``r × d_in``) and ``B``
+(``d_out × r``). ``B`` starts at zero, so the adapted model starts *exactly* at the base
+model. That is what makes LoRA and DPO fit together: the reference policy is the base,
+i.e. the same model with its adapter switched off
+(:class:`dpo_lib.reference.AdapterDisabledReference`), and no second copy is needed.
+
+QLoRA (Dettmers et al. 2023) stores the frozen base in 4-bit NormalFloat (NF4), with
+double-quantised block constants, and computes in bf16/fp16; only the adapters are in
+full precision. It needs bitsandbytes and a CUDA GPU (the ``gpu`` extra:
+``pip install 'dpo_lib[gpu]'``).
+
+* :func:`pick_dtype` — bf16 where the GPU supports it, else fp16 on CUDA, fp32 on a CPU.
+* :func:`make_lora_model` — wrap a model with peft LoRA adapters (dropout 0 by default:
+  DPO wants deterministic policy and reference).
+* :func:`load_4bit_model` — the QLoRA base (GPU only; a clear error otherwise).
+* :func:`merge_and_save` — fold ``(alpha / r) · B A`` into ``W`` and save plain safetensors.
+* :func:`upcast_logits` — fp32 logits from a bf16/fp16 model, so summed log-probs stay exact.
+* :class:`DeviceDPOTrainer` — the course's trainer with batches moved to the model's device
+  (collate builds them on the CPU), so the same loop runs on a GPU.
+* :func:`adapter_reward_accuracy`, :func:`adapter_kl` — held-out implicit-reward accuracy
+  and KL to the base, with the adapter-disabled base as the reference (any device).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .data import collate
+from .evaluation import completion_logps, mean_and_se
+from .logprobs import concatenated_forward
+from .models import disable_dropout, load_tokenizer, resolve_model
+from .reference import AdapterDisabledReference
+from .trainer import DPOTrainer
+
+ALL_LINEAR = "all-linear"
+
+
+class QLoRAUnavailable(RuntimeError):
+    """4-bit loading needs a CUDA GPU and bitsandbytes; the message says which one is missing."""
+
+
+def pick_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """bf16 on a GPU that supports it, fp16 on other CUDA GPUs (T4, V100), fp32 on a CPU."""
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if not cuda:
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def make_lora_model(model: torch.nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
+                    target_modules: str | list[str] = ALL_LINEAR, gradient_checkpointing: bool = False,
+                    **lora_kwargs):
+    """Wrap ``model`` in a peft ``PeftModel`` with LoRA adapters on ``target_modules``.
+
+    ``"all-linear"`` adapts every linear layer of the decoder (not the LM head). Only the
+    adapters train; peft keeps them in fp32 even when the base is bf16/fp16/4-bit. With
+    ``gradient_checkpointing=True`` the base recomputes each layer's activations in the
+    backward pass (non-reentrant checkpointing, so the frozen embeddings need no grad).
+
+    We do not call peft's ``prepare_model_for_kbit_training``: it upcasts every weight that
+    is not 4-bit (the embedding matrix too) to fp32, which costs more memory than QLoRA saves
+    on a small model. RMSNorm already computes in fp32 inside transformers.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        bias="none", task_type="CAUSAL_LM", **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    if gradient_checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.config.use_cache = False
+    return peft_model
+
+
+def check_qlora_available() -> None:
+    """Raise :class:`QLoRAUnavailable` naming what is missing for 4-bit loading."""
+    if not torch.cuda.is_available():
+        raise QLoRAUnavailable(
+            "4-bit QLoRA needs a CUDA GPU: bitsandbytes' NF4 kernels do not run on this machine "
+            "(torch.cuda.is_available() is False). Use make_lora_model on a bf16/fp32 model instead, "
+            "or run on a GPU (e.g. Colab: Runtime > Change runtime type > T4 GPU).")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QLoRAUnavailable(
+            "4-bit QLoRA needs the bitsandbytes package, which is not installed. Install the course's "
+            "GPU extra:  pip install 'dpo_lib[gpu]'   (or: pip install bitsandbytes)")
+
+
+def load_4bit_model(name_or_path: str | os.PathLike | None = None, compute_dtype: torch.dtype | None = None,
+                    trust_remote_code: bool = False):
+    """``(model, tokenizer)`` with the decoder's linear layers in 4-bit NF4, double-quantised.
+
+    ``compute_dtype`` is the dtype of the matmuls (the weights are dequantised block by block
+    on the fly): :func:`pick_dtype` by default. Embeddings, norms and the LM head stay in
+    ``compute_dtype``. GPU only: raises :class:`QLoRAUnavailable` with the fix otherwise.
+    """
+    check_qlora_available()
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute_dtype = compute_dtype or pick_dtype("cuda")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=compute_dtype)
+    source = resolve_model(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb, dtype=compute_dtype,
+                                                 device_map={"": torch.cuda.current_device()},
+                                                 use_safetensors=True, trust_remote_code=trust_remote_code)
+    disable_dropout(model)
+    return model, load_tokenizer(source, trust_remote_code=trust_remote_code)
+
+
+def is_4bit(model: torch.nn.Module) -> bool:
+    base = getattr(model, "get_base_model", lambda: model)()
+    return bool(getattr(base, "is_loaded_in_4bit", False))
+
+
+def merge_and_save(peft_model, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Merge the LoRA update into the base weights and save a plain model (safetensors).
+
+    After this the folder loads with ``AutoModelForCausalLM.from_pretrained`` alone, no peft.
+    ``merge_and_unload`` rewrites the wrapped model in place: call this last, or use the
+    returned folder afterwards. A 4-bit base is refused: merging into NF4 weights rounds
+    the update away. For QLoRA, save the adapter (``peft_model.save_pretrained``), reload
+    the base in bf16, attach the adapter with ``PeftModel.from_pretrained`` and merge that.
+    """
+    if is_4bit(peft_model):
+        raise ValueError("refusing to merge into a 4-bit base (the update would be quantised away): save the "
+                         "adapter, reload the base in bf16/fp16, attach the adapter with "
+                         "PeftModel.from_pretrained(base, adapter_dir), then call merge_and_save on that")
+    out = Path(out_dir)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def upcast_logits(model: torch.nn.Module):
+    """Make the LM head return fp32 logits (a forward hook on the output embeddings).
+
+    A sequence log-prob is a sum of ~100 token log-probs of size ~1-10. In bf16 (8 bits of
+    mantissa) each term is rounded by up to ~0.03 and the sum by much more, which is the
+    same order as the DPO reward margins early in training. Upcasting the logits makes the
+    log-softmax and the sums fp32, as TRL does; it costs ``2·B·T·V·4`` bytes (the planner
+    counts the logits in fp32). Returns the hook handle.
+    """
+    head = model.get_output_embeddings()
+    return head.register_forward_hook(lambda module, args, output: output.float())
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def batch_to(batch: dict, device: torch.device | str) -> dict:
+    """Every tensor of a collated batch on ``device``."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class DeviceDPOTrainer(DPOTrainer):
+    """:class:`dpo_lib.trainer.DPOTrainer` whose batches follow the model onto its device.
+
+    The course's collate builds batches on the CPU, and the CPU trainer uses them as they
+    are. On a GPU every tensor of the batch (token ids, masks, precomputed reference
+    log-probs) must be on the model's device, for the forward pass *and* for the log-prob
+    gathering after it; this subclass moves the batch once, before the loss. On a CPU it
+    computes exactly what :class:`~dpo_lib.trainer.DPOTrainer` computes.
+    """
+
+    def compute_loss(self, batch: dict):
+        return super().compute_loss(batch_to(batch, model_device(self.model)))
+
+
+@torch.no_grad()
+def adapter_reward_accuracy(peft_model, features: list[dict], pad_token_id: int, beta: float,
+                            batch_size: int = 8) -> dict:
+    """Held-out implicit-reward accuracy of a LoRA policy, with its own base as the reference.
+
+    Same numbers as :func:`dpo_lib.evaluation.implicit_reward_accuracy` with reference
+    log-probs of the base, but computed on the fly on the model's device: no precomputed
+    values needed, since switching the adapter off *is* the reference.
+    """
+    reference = AdapterDisabledReference(peft_model)
+    was_training = peft_model.training
+    peft_model.eval()
+    device = model_device(peft_model)
+    correct, margins = [], []
+    for i in range(0, len(features), batch_size):
+        batch = batch_to(collate(features[i:i + batch_size], pad_token_id), device)
+        chosen, rejected = concatenated_forward(peft_model, batch)
+        ref_chosen, ref_rejected = reference(batch)
+        r_c, r_r = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+        correct += (r_c > r_r).float().tolist()
+        margins += (r_c - r_r).tolist()
+    peft_model.train(was_training)
+    accuracy, accuracy_se = mean_and_se(correct)
+    margin, _ = mean_and_se(margins)
+    return {"accuracy": accuracy, "accuracy_se": accuracy_se, "margin": margin, "pairs": len(features)}
+
+
+def adapter_kl(peft_model, samples: list[dict], pad_token_id: int) -> tuple[float, float]:
+    """KL(π_θ ‖ π_ref) on samples drawn from the LoRA policy, π_ref = the base (adapter off).
+
+    Monte-Carlo estimate ``mean(log π_θ(y|x) − log π_ref(y|x))`` in nats per sequence, and its
+    standard error (see :func:`dpo_lib.evaluation.sequence_kl`).
+    """
+    policy = completion_logps(peft_model, samples, pad_token_id)
+    with peft_model.disable_adapter():
+        reference = completion_logps(peft_model, samples, pad_token_id)
+    return mean_and_se([p - r for p, r in zip(policy, reference)])
+
+
+__all__ = ["QLoRAUnavailable", "adapter_kl", "adapter_reward_accuracy", "check_qlora_available",
+           "DeviceDPOTrainer", "batch_to", "is_4bit", "load_4bit_model", "make_lora_model", "merge_and_save",
+           "pick_dtype", "trainable_parameters", "upcast_logits"]

@@ -1,0 +1,616 @@
+r"""How much GPU memory will a DPO run need? A planner you can check by hand.
+
+:func:`plan` takes a model (a :class:`ModelSpec`: a preset name, a ``transformers`` config,
+or just its size), a GPU (:data:`GPUS` or your own ``{"name", "memory_gib", "bf16"}``), a
+sequence length, a target global batch and a training mode, and returns a :class:`Plan`:
+the precision, the micro-batch, the gradient accumulation and whether to use gradient
+checkpointing, each with a one-line reason, and the memory estimate behind the choice
+(``plan(...).explain()`` prints it all).
+
+Notation
+--------
+``P`` parameters, ``L`` decoder layers, ``h`` hidden size, ``q`` = heads × head_dim (the
+width of Q), ``I`` MLP intermediate size, ``V`` vocabulary, ``T`` sequence length (prompt +
+response, tokens), ``B`` micro-batch in *pairs*. A DPO forward runs the chosen and the
+rejected sequence of every pair, so it processes ``N = 2·B·T`` tokens. ``b`` is the number of
+bytes of the compute dtype: 2 for bf16/fp16, 4 for fp32. ``P_lin`` is the number of
+weights in the decoder's linear layers (what LoRA adapts and 4-bit quantises), ``P_train``
+the number of trainable parameters.
+
+Modes
+-----
+``full``
+    every weight trains. Mixed precision as in the ZeRO paper: half-precision weights and
+    gradients plus fp32 master weights and AdamW moments, ``2 + 2 + 4 + 8 = 16`` bytes per
+    parameter (in fp32 on a CPU: ``4 + 4 + 8 = 16`` as well).
+``lora``
+    the base stays frozen in the compute dtype; only the LoRA adapters train. peft keeps
+    the adapters in fp32. A matrix ``W`` of shape ``d_in × d_out`` gets ``A`` (``r × d_in``)
+    and ``B`` (``d_out × r``): ``r·(d_in + d_out)`` trainable parameters per adapted matrix.
+``qlora``
+    ``lora`` on a base whose decoder linear layers are stored in 4-bit NF4 (bitsandbytes).
+    Embeddings, norms and the LM head stay in the compute dtype.
+
+The terms (bytes)
+-----------------
+weights
+    ``full``: ``P·b``. ``lora``: ``P·b + 4·P_train``. ``qlora``:
+    ``P_lin·q4 + (P − P_lin)·b + 4·P_train`` with
+    ``q4 = 1/2 + 1/64 + 4/(64·256) ≈ 0.516`` bytes per weight: 4 bits per weight, one 8-bit
+    absmax constant per block of 64 weights, and (double quantisation) one fp32 constant per
+    256 of those blocks (Dettmers et al. 2023, QLoRA, §3).
+reference
+    ``full``: a frozen second copy, ``P·b``, unless the reference log-probs are
+    precomputed (then 0). ``lora`` / ``qlora``: 0 — the reference is the base model with the
+    adapter switched off (:class:`dpo_lib.reference.AdapterDisabledReference`).
+gradients
+    one per trainable parameter: ``P_train·b`` (``full``), ``4·P_train`` (fp32 adapters).
+optimizer
+    AdamW keeps two fp32 moments, ``8·P_train``; plus fp32 master weights, ``4·P_train``,
+    when ``full`` trains in half precision.
+activations
+    what autograd saves for the backward pass, per token and decoder layer:
+
+    .. math:: A = (8 + 4b)\,h + 5b\,q + 4b\,I
+
+    Each of the two RMSNorms keeps an fp32 copy of its input (``4h``; transformers upcasts
+    inside the norm), the normalised input and the output (``2b·h``); attention keeps Q, K
+    and V (transformers repeats the K/V heads to the width of Q when a padding mask is
+    passed), the SDPA output and its contiguous copy that enters ``o_proj`` (``5b·q``;
+    SDPA/flash attention stores no ``T × T`` matrix); the SwiGLU MLP keeps the gate and up
+    projections, SiLU(gate) and their product (``4b·I``). The final norm adds
+    ``(4 + 2b)·h``. Total ``N·(L·A + (4 + 2b)·h)``. With gradient checkpointing only each
+    layer's input is kept, and one layer is recomputed at a time during the backward pass:
+    ``N·(L·b·h + A + (4 + 2b)·h)``. Checked against the bytes that autograd actually saves
+    (:func:`measure_saved_activations`; within 10 % for the SmolLM2 and tiny Llama models).
+    LoRA saves a little less (frozen linear layers need not keep their inputs), so this is
+    an upper bound there. Eager attention would also keep the ``T × T`` attention
+    probabilities: roughly ``heads·T·(4 + b)`` more bytes per token and layer in half
+    precision (an fp32 softmax and its cast), quadratic in ``T`` overall.
+logits
+    two ``[2B, T, V]`` fp32 tensors are alive at the peak: the policy's logits and then
+    either their gradient (backward) or the reference's logits (its forward):
+    ``2·N·V·4``. We count fp32 because TRL and most loss code upcast the logits; dpo_lib
+    keeps the model dtype and only computes logits from the first response token on
+    (``logits_to_keep``), so for dpo_lib this is an upper bound. For a 150k vocabulary
+    this is often the largest term of all.
+
+``allocated`` is the sum of these terms: what ``torch.cuda.max_memory_allocated()`` should
+report. On a GPU the plan adds 10 % of it for the caching allocator's fragmentation and
+cuBLAS workspaces, and a fixed 0.5 GiB for the CUDA context (which ``max_memory_allocated``
+never sees); the result is compared with the GPU's memory.
+
+Choices
+-------
+* precision: bf16 when the GPU supports it (Ampere and newer: fp32's exponent range, no loss
+  scaling), else fp16 (T4, V100: keep master weights / adapters in fp32), fp32 on a CPU;
+* micro-batch: the largest divisor of the global batch that fits; gradient accumulation
+  makes up the rest, ``global = micro × accumulation``;
+* gradient checkpointing: only when without it the micro-batch would be smaller than
+  ``min(4, global batch)`` pairs and checkpointing allows a larger one. It costs one extra
+  forward pass (about a third more compute), which a tiny micro-batch costs anyway in idle
+  GPU time.
+
+Numbers are estimates: expect the measured peak within roughly ±20 % (allocator
+behaviour, kernels and library versions differ). Memory sizes are printed in GiB (2**30
+bytes), as ``nvidia-smi`` and ``torch.cuda`` report them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+GiB = 2 ** 30
+CUDA_CONTEXT_BYTES = GiB // 2     # CUDA context + kernels loaded by torch; not in max_memory_allocated
+ALLOCATOR_SLACK = 0.10            # fragmentation, cuBLAS workspaces, caching-allocator rounding
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)   # 4-bit weight + 8-bit absmax per 64 + fp32 per 256 blocks
+ADAM_BYTES = 8                    # fp32 first and second moments
+MASTER_BYTES = 4                  # fp32 master copy of half-precision trainable weights
+ADAPTER_BYTES = 4                 # peft keeps LoRA weights in fp32 (autocast_adapter_dtype=True)
+MODES = ("full", "lora", "qlora")
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of a Llama-style decoder (Llama, Mistral, Qwen2, SmolLM2): all the planner needs."""
+
+    name: str
+    vocab: int
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int | None = None   # None: hidden // heads
+    tied: bool = True             # LM head shares the embedding matrix
+    qkv_bias: bool = False        # Qwen2 has biases on q, k, v
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * (self.head_dim or self.hidden // self.heads)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """``(d_in, d_out)`` of each linear layer of one decoder block."""
+        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def linear_params(self) -> int:
+        """``P_lin``: weights (and biases) of the decoder's linear layers, all layers."""
+        per_layer = sum(a * b for a, b in self.linear_shapes().values())
+        if self.qkv_bias:
+            per_layer += self.q_dim + 2 * self.kv_dim
+        return self.layers * per_layer
+
+    @property
+    def params(self) -> int:
+        """``P``: embedding + LM head (if untied) + linear layers + RMSNorm weights."""
+        embed = self.vocab * self.hidden
+        head = 0 if self.tied else self.vocab * self.hidden
+        norms = (2 * self.layers + 1) * self.hidden
+        return embed + head + self.linear_params + norms
+
+    @classmethod
+    def from_config(cls, config: Any, name: str | None = None) -> "ModelSpec":
+        """From a ``transformers`` config (``AutoConfig.from_pretrained(...)`` or ``model.config``)."""
+        get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
+            lambda k, d=None: getattr(config, k, d))
+        model_type = get("model_type", "")
+        return cls(name=name or get("_name_or_path") or model_type or "model", vocab=get("vocab_size"),
+                   hidden=get("hidden_size"), layers=get("num_hidden_layers"),
+                   intermediate=get("intermediate_size"), heads=get("num_attention_heads"),
+                   kv_heads=get("num_key_value_heads") or get("num_attention_heads"),
+                   head_dim=get("head_dim"), tied=bool(get("tie_word_embeddings", True)),
+                   qkv_bias=bool(get("attention_bias", model_type == "qwen2")))
+
+    @classmethod
+    def from_size(cls, params: float, layers: int, hidden: int, vocab: int, tied: bool = True,
+                  name: str = "custom") -> "ModelSpec":
+        """A coarse spec from the four numbers of a model card. Assumes full multi-head
+        attention (K/V as wide as Q) and solves ``4h² + 3h·I`` per layer for ``I``."""
+        embed = vocab * hidden * (1 if tied else 2)
+        per_layer = (params - embed - (2 * layers + 1) * hidden) / layers
+        intermediate = round((per_layer - 4 * hidden * hidden) / (3 * hidden))
+        if intermediate <= 0:
+            raise ValueError(f"{params:.3g} parameters are too few for {layers} layers of width {hidden} "
+                             f"and a {vocab}-token vocabulary")
+        heads = max(1, hidden // 64)
+        return cls(name=name, vocab=vocab, hidden=hidden, layers=layers, intermediate=intermediate,
+                   heads=heads, kv_heads=heads, head_dim=hidden // heads, tied=tied)
+
+
+# Configs copied from the models' config.json on the hub, so the planner works offline.
+MODELS: dict[str, ModelSpec] = {s.name: s for s in [
+    ModelSpec("SmolLM2-135M-Instruct", vocab=49152, hidden=576, layers=30, intermediate=1536, heads=9,
+              kv_heads=3, head_dim=64),
+    ModelSpec("SmolLM2-360M-Instruct", vocab=49152, hidden=960, layers=32, intermediate=2560, heads=15,
+              kv_heads=5, head_dim=64),
+    ModelSpec("Qwen2.5-0.5B-Instruct", vocab=151936, hidden=896, layers=24, intermediate=4864, heads=14,
+              kv_heads=2, head_dim=64, qkv_bias=True),
+    ModelSpec("Qwen2.5-1.5B-Instruct", vocab=151936, hidden=1536, layers=28, intermediate=8960, heads=12,
+              kv_heads=2, head_dim=128, qkv_bias=True),
+    ModelSpec("SmolLM2-1.7B-Instruct", vocab=49152, hidden=2048, layers=24, intermediate=8192, heads=32,
+              kv_heads=32, head_dim=64),
+    ModelSpec("Llama-3.1-8B-Instruct", vocab=128256, hidden=4096, layers=32, intermediate=14336, heads=32,
+              kv_heads=8, head_dim=128, tied=False),
+]}
+
+
+def model_spec(model: Any) -> ModelSpec:
+    """A :class:`ModelSpec` from a spec, a preset name (hub ids work: ``HuggingFaceTB/SmolLM2-360M-Instruct``),
+    a ``transformers`` config or model, or a dict ``{"params", "layers", "hidden", "vocab"}``."""
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, str):
+        key = model.rsplit("/", 1)[-1]
+        if key in MODELS:
+            return MODELS[key]
+        raise KeyError(f"unknown model {model!r}; presets: {', '.join(MODELS)} "
+                       "(or pass a transformers config, or ModelSpec.from_size(...))")
+    if isinstance(model, dict) and "params" in model:
+        return ModelSpec.from_size(**model)
+    config = getattr(model, "config", model)
+    return ModelSpec.from_config(config)
+
+
+def lora_trainable_params(model: Any, r: int, target_modules: str | Iterable[str] = ALL_LINEAR) -> int:
+    """LoRA parameters: ``r·(d_in + d_out)`` for every adapted matrix, summed over the layers.
+
+    ``target_modules`` is ``"all-linear"`` (peft's name for every linear layer of the
+    decoder, LM head excluded) or names from :data:`LINEAR_MODULES`.
+    """
+    spec = model_spec(model)
+    targets = LINEAR_MODULES if target_modules == ALL_LINEAR else tuple(target_modules)
+    shapes = spec.linear_shapes()
+    unknown = [t for t in targets if t not in shapes]
+    if unknown:
+        raise ValueError(f"unknown target modules {unknown}; known: {', '.join(LINEAR_MODULES)} or 'all-linear'")
+    return spec.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: float       # total memory as nvidia-smi / torch.cuda report it
+    bf16: bool              # bf16 tensor cores (compute capability >= 8.0)
+    cuda: bool = True       # False: a CPU (memory = RAM), no CUDA context
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.memory_gib * GiB)
+
+
+GPUS: dict[str, GPU] = {g.name.split()[0]: g for g in [
+    GPU("T4 16GB", 15.0, bf16=False),          # Turing, compute capability 7.5 (Colab's free GPU)
+    GPU("L4 24GB", 22.5, bf16=True),           # Ada
+    GPU("A100-40GB", 40.0, bf16=True),         # Ampere
+    GPU("A100-80GB", 80.0, bf16=True),
+    GPU("H100-80GB", 79.6, bf16=True),         # Hopper
+]}
+
+
+def gpu_spec(gpu: Any) -> GPU:
+    """A :class:`GPU` from a GPU, a name in :data:`GPUS` (``"T4"``, ``"A100-80GB"``...), ``"cpu"``,
+    or a dict ``{"name", "memory_gib", "bf16"}``."""
+    if isinstance(gpu, GPU):
+        return gpu
+    if isinstance(gpu, dict):
+        return GPU(name=gpu.get("name", "GPU"), memory_gib=float(gpu["memory_gib"]), bf16=bool(gpu.get("bf16", False)),
+                   cuda=bool(gpu.get("cuda", True)))
+    if isinstance(gpu, str):
+        if gpu.lower() == "cpu":
+            return cpu_device()
+        for key, g in GPUS.items():
+            if gpu.lower() in (key.lower(), g.name.lower()):
+                return g
+        matches = [g for key, g in GPUS.items() if key.lower().startswith(gpu.lower())]
+        if len(matches) == 1:  # "H100" -> "H100-80GB"
+            return matches[0]
+        raise KeyError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}, 'cpu', or a dict "
+                       "{'name', 'memory_gib', 'bf16'}")
+    raise TypeError(f"cannot read a GPU from {type(gpu).__name__}")
+
+
+def cpu_device() -> GPU:
+    """The CPU as a 'device': its RAM, no bf16 training (fp32), no CUDA context."""
+    import os
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        ram = 16 * GiB
+    return GPU("CPU", round(ram / GiB, 1), bf16=False, cuda=False)
+
+
+def detect_device() -> GPU:
+    """The GPU torch sees (name, memory, bf16 support), or the CPU."""
+    import torch
+    if not torch.cuda.is_available():
+        return cpu_device()
+    props = torch.cuda.get_device_properties(0)
+    return GPU(props.name, round(props.total_memory / GiB, 1), bf16=torch.cuda.is_bf16_supported())
+
+
+def pick_precision(gpu: Any) -> tuple[str, str]:
+    """``(precision, why)``: bf16 where supported, else fp16 on a GPU, fp32 on a CPU."""
+    g = gpu_spec(gpu)
+    if not g.cuda:
+        return "fp32", "CPU: fp32 (half-precision matmuls are slow or unsupported on most CPUs)"
+    if g.bf16:
+        return "bf16", (f"{g.name} supports bf16: same exponent range as fp32, so no loss scaling; "
+                        "half the bytes of fp32")
+    return "fp16", (f"{g.name} has no bf16 support: fp16 (5-bit exponent, overflows above 65504), so trainable "
+                    "weights stay in fp32 (LoRA adapters, master weights) and full fine-tuning needs a loss scaler")
+
+
+# ----------------------------------------------------------------------------- estimate
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per term, as in the module docstring."""
+
+    weights: float
+    reference: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    cuda: bool = True
+
+    @property
+    def allocated(self) -> float:
+        """What ``torch.cuda.max_memory_allocated()`` should report."""
+        return self.weights + self.reference + self.gradients + self.optimizer + self.activations + self.logits
+
+    @property
+    def slack(self) -> float:
+        return ALLOCATOR_SLACK * self.allocated if self.cuda else 0.0
+
+    @property
+    def context(self) -> float:
+        return CUDA_CONTEXT_BYTES if self.cuda else 0.0
+
+    @property
+    def total(self) -> float:
+        return self.allocated + self.slack + self.context
+
+    def rows(self) -> list[tuple[str, float]]:
+        return [("weights", self.weights), ("reference", self.reference), ("gradients", self.gradients),
+                ("optimizer", self.optimizer), ("activations", self.activations), ("logits", self.logits),
+                ("= allocated", self.allocated), ("allocator slack", self.slack), ("CUDA context", self.context),
+                ("= total", self.total)]
+
+
+def activation_bytes_per_token(model: Any, precision: str = "bf16", gradient_checkpointing: bool = False) -> float:
+    """Bytes autograd saves per token: ``L·A + (4 + 2b)·h``, or with checkpointing
+    ``L·b·h + A + (4 + 2b)·h``, with ``A = (8 + 4b)·h + 5b·q + 4b·I`` (see the module docstring)."""
+    s, b = model_spec(model), BYTES[precision]
+    per_layer = (8 + 4 * b) * s.hidden + 5 * b * s.q_dim + 4 * b * s.intermediate
+    final = (4 + 2 * b) * s.hidden
+    if gradient_checkpointing:
+        return s.layers * b * s.hidden + per_layer + final
+    return s.layers * per_layer + final
+
+
+def estimate(model: Any, mode: str = "lora", seq_len: int = 512, micro_batch: int = 4, precision: str = "bf16",
+             gradient_checkpointing: bool = False, precomputed_reference: bool = False, lora_r: int = 16,
+             lora_targets: str | Iterable[str] = ALL_LINEAR, cuda: bool = True) -> Memory:
+    """The memory of one configuration, term by term (no choices made: see :func:`plan`)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if precision not in BYTES:
+        raise ValueError(f"precision must be one of {tuple(BYTES)}, got {precision!r}")
+    s, b = model_spec(model), BYTES[precision]
+    P = s.params
+    tokens = 2 * micro_batch * seq_len                      # chosen + rejected
+    if mode == "full":
+        trainable = P
+        weights = P * b
+        reference = 0 if precomputed_reference else P * b
+        gradients = P * b
+        optimizer = P * (ADAM_BYTES + (MASTER_BYTES if b < 4 else 0))
+    else:
+        trainable = lora_trainable_params(s, lora_r, lora_targets)
+        base = P * b if mode == "lora" else s.linear_params * NF4_BYTES + (P - s.linear_params) * b
+        weights = base + trainable * ADAPTER_BYTES
+        reference = 0
+        gradients = trainable * ADAPTER_BYTES
+        optimizer = trainable * ADAM_BYTES
+    activations = tokens * activation_bytes_per_token(s, precision, gradient_checkpointing)
+    logits = 2 * tokens * s.vocab * 4
+    return Memory(weights, reference, gradients, optimizer, activations, logits, cuda=cuda)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def fmt_bytes(n: float) -> str:
+    """GiB with two decimals (``0.25 GiB``); small sizes in MiB."""
+    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB or n == 0 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def fmt_count(n: float) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+@dataclass
+class Plan:
+    """What to run on ``gpu``, and why. ``memory`` is the estimate for the chosen settings."""
+
+    model: ModelSpec
+    gpu: GPU
+    mode: str
+    precision: str
+    seq_len: int
+    global_batch: int
+    micro_batch: int
+    grad_accum: int
+    gradient_checkpointing: bool
+    precomputed_reference: bool
+    lora_r: int
+    lora_targets: str | tuple
+    trainable_params: int
+    memory: Memory
+    fits: bool
+    why: list[str] = field(default_factory=list)
+
+    def explain(self) -> str:
+        """The plan as text: settings, the memory table, and one reason per choice."""
+        g, m = self.gpu, self.memory
+        mode = self.mode if self.mode == "full" else f"{self.mode} (r={self.lora_r}, {self._targets()})"
+        lines = [f"VRAM plan: {self.model.name} ({fmt_count(self.model.params)} params), {mode}, "
+                 f"on {g.name} ({g.memory_gib:.1f} GiB)",
+                 f"  {self.precision}, sequence length {self.seq_len}, global batch {self.global_batch} pairs = "
+                 f"micro-batch {self.micro_batch} x accumulation {self.grad_accum}, gradient checkpointing "
+                 f"{'on' if self.gradient_checkpointing else 'off'}, trainable params "
+                 f"{fmt_count(self.trainable_params)}"]
+        for name, value in m.rows():
+            if name in ("allocator slack", "CUDA context") and not m.cuda:
+                continue
+            lines.append(f"  {name:<16} {fmt_bytes(value):>12}")
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        lines.append(f"  -> {verdict}: {fmt_bytes(m.total)} of {g.memory_gib:.1f} GiB")
+        lines.append("why:")
+        lines += [f"  - {w}" for w in self.why]
+        return "\n".join(lines)
+
+    def _targets(self) -> str:
+        return self.lora_targets if isinstance(self.lora_targets, str) else "+".join(self.lora_targets)
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def plan(model: Any, gpu: Any = "T4", mode: str = "lora", seq_len: int = 512, global_batch: int = 32,
+         precomputed_reference: bool = False, precision: str | None = None, micro_batch: int | None = None,
+         gradient_checkpointing: bool | None = None, lora_r: int = 16,
+         lora_targets: str | Iterable[str] = ALL_LINEAR, min_micro_batch: int = 4) -> Plan:
+    """Choose precision, micro-batch, accumulation and gradient checkpointing for ``model`` on ``gpu``.
+
+    Anything you pass explicitly (``precision``, ``micro_batch``, ``gradient_checkpointing``)
+    is kept; the rest is chosen as described in the module docstring. ``global_batch`` is in
+    preference pairs per optimizer step.
+    """
+    s, g = model_spec(model), gpu_spec(gpu)
+    targets = lora_targets if isinstance(lora_targets, str) else tuple(lora_targets)
+    why: list[str] = []
+    if precision is None:
+        precision, reason = pick_precision(g)
+        why.append(f"precision: {reason}")
+    else:
+        why.append(f"precision: {precision} (given)")
+    if mode == "qlora" and not g.cuda:
+        why.append("qlora: bitsandbytes' 4-bit kernels need a CUDA GPU; this estimate is what it would take on one")
+    kw = dict(mode=mode, seq_len=seq_len, precision=precision, precomputed_reference=precomputed_reference,
+              lora_r=lora_r, lora_targets=targets, cuda=g.cuda)
+
+    def fits(mb: int, ckpt: bool) -> bool:
+        return estimate(s, micro_batch=mb, gradient_checkpointing=ckpt, **kw).total <= g.memory_bytes
+
+    candidates = [micro_batch] if micro_batch else _divisors_desc(global_batch)
+    if micro_batch and global_batch % micro_batch:
+        raise ValueError(f"micro_batch={micro_batch} does not divide global_batch={global_batch}")
+    best = {ck: next((mb for mb in candidates if fits(mb, ck)), None) for ck in (False, True)}
+    floor = min(min_micro_batch, global_batch)
+    if gradient_checkpointing is not None:
+        ckpt = gradient_checkpointing
+        reason = f"{'on' if ckpt else 'off'} (given)"
+    elif best[False] is not None and best[False] >= floor:
+        ckpt = False
+        reason = (f"off: micro-batch {best[False]} already fits without it "
+                  "(checkpointing would recompute the forward pass, about a third more compute)")
+    elif best[True] is not None and (best[False] is None or best[True] > best[False]):
+        ckpt = True
+        without = (f"only micro-batch {best[False]} fits without it" if best[False]
+                   else "not even micro-batch 1 fits without it")
+        reason = (f"on: {without}; keeping only each layer's input cuts activations from "
+                  f"{fmt_bytes(activation_bytes_per_token(s, precision) * 2 * seq_len)} to "
+                  f"{fmt_bytes(activation_bytes_per_token(s, precision, True) * 2 * seq_len)} per pair")
+    elif best[False] is None and best[True] is None:
+        ckpt = True
+        reason = "on, and still not enough memory (see micro-batch)"
+    else:
+        ckpt = False
+        reason = "off: it would not allow a larger micro-batch"
+    mb = best[ckpt] or candidates[-1]
+    mem = estimate(s, micro_batch=mb, gradient_checkpointing=ckpt, **kw)
+    ok = mem.total <= g.memory_bytes
+    accum = global_batch // mb
+
+    if mode == "full":
+        ref = ("reference: log-probs precomputed once before training, so no second model" if precomputed_reference
+               else f"reference: a frozen second copy of the model ({fmt_bytes(s.params * BYTES[precision])}); "
+                    "precompute its log-probs to drop it")
+    else:
+        ref = "reference: the base model with the adapter disabled, so no second copy (0 bytes)"
+    why.append(ref)
+    if mode != "full":
+        trainable = lora_trainable_params(s, lora_r, targets)
+        why.append(f"trainable: LoRA r={lora_r} on {_targets_text(targets)} x {s.layers} layers, "
+                   f"r*(d_in + d_out) each = {trainable:,} params ({100 * trainable / s.params:.2f} % of the model); "
+                   f"fp32 weight + gradient + AdamW = 16 bytes each")
+    else:
+        trainable = s.params
+        why.append(f"trainable: all {trainable:,} params, 16 bytes each "
+                   f"({'bf16/fp16 weight + gradient, fp32 master + AdamW' if BYTES[precision] == 2 else 'fp32 weight + gradient + AdamW'})")
+    if micro_batch:
+        why.append(f"micro-batch: {mb} (given)")
+    elif ok:
+        nxt = next((d for d in reversed(candidates) if d > mb), None)
+        tail = ""
+        if nxt is not None:
+            tail = (f"; {nxt} would need "
+                    f"{fmt_bytes(estimate(s, micro_batch=nxt, gradient_checkpointing=ckpt, **kw).total)}")
+        why.append(f"micro-batch: {mb} pairs, the largest divisor of {global_batch} that fits{tail}")
+    else:
+        suggestion = {"full": "try mode='lora' or precomputed_reference=True",
+                      "lora": "try mode='qlora'", "qlora": "use a bigger GPU or a smaller model"}[mode]
+        why.append(f"micro-batch: even {mb} pair(s){' with checkpointing' if ckpt else ''} needs {fmt_bytes(mem.total)} > "
+                   f"{g.memory_gib:.1f} GiB; shorten the sequences, or {suggestion}")
+    why.append(f"accumulation: {accum} micro-batch(es) per optimizer step so that {mb} x {accum} = "
+               f"{global_batch} pairs" + (" (no accumulation needed)" if accum == 1 else ""))
+    why.append(f"gradient checkpointing: {reason}")
+    return Plan(model=s, gpu=g, mode=mode, precision=precision, seq_len=seq_len, global_batch=global_batch,
+                micro_batch=mb, grad_accum=accum, gradient_checkpointing=ckpt,
+                precomputed_reference=precomputed_reference, lora_r=lora_r, lora_targets=targets,
+                trainable_params=trainable, memory=mem, fits=ok, why=why)
+
+
+def _targets_text(targets) -> str:
+    if targets == ALL_LINEAR:
+        return "all 7 linear layers"
+    return "+".join(targets)
+
+
+def plan_table(model: Any, gpus: Iterable[Any] = ("T4", "L4", "A100-40GB", "H100-80GB"),
+               modes: Iterable[str] = MODES, **kwargs) -> str:
+    """A text table of :func:`plan` for every GPU and mode (same model, sequence length, batch)."""
+    header = f"{'GPU':<11} {'mode':<6} {'dtype':<5} {'micro x accum':>13} {'ckpt':>5} {'total GiB':>10}  fits"
+    lines = [header, "-" * len(header)]
+    for gpu in gpus:
+        for mode in modes:
+            p = plan(model, gpu, mode=mode, **kwargs)
+            lines.append(f"{p.gpu.name:<11} {mode:<6} {p.precision:<5} "
+                         f"{f'{p.micro_batch} x {p.grad_accum}':>13} {'on' if p.gradient_checkpointing else 'off':>5} "
+                         f"{p.memory.total / GiB:>10.2f}  {'yes' if p.fits else 'NO'}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def measure_saved_activations(model, input_ids, attention_mask=None) -> int:
+    """Bytes of the tensors autograd saves for the backward pass of one forward (logits excluded).
+
+    Counts each storage once and skips the model's own parameters. Works on a CPU, so the
+    activation formula can be checked without a GPU. The forward runs with
+    ``logits_to_keep=1`` so that the LM head's output does not count.
+    """
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # pragma: no cover - exotic tensors
+            return t
+        ptr = storage.data_ptr()
+        if ptr not in params:
+            seen.setdefault(ptr, storage.nbytes())
+        return t
+
+    was_training = model.training
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    finally:
+        model.train(was_training)
+    return sum(seen.values())
+
+
+__all__ = ["ALL_LINEAR", "GPU", "GPUS", "LINEAR_MODULES", "MODELS", "Memory", "ModelSpec", "Plan",
+           "activation_bytes_per_token", "cpu_device", "detect_device", "estimate", "gpu_spec",
+           "lora_trainable_params", "measure_saved_activations", "model_spec", "pick_precision", "plan",
+           "plan_table"]
