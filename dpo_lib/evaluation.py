@@ -39,8 +39,9 @@ def implicit_reward_accuracy(model, features: list[dict], pad_token_id: int, bet
     was_training = model.training
     model.eval()
     correct, margins = [], []
+    device = next(model.parameters()).device
     for i in range(0, len(features), batch_size):
-        batch = collate(features[i:i + batch_size], pad_token_id)
+        batch = {k: v.to(device) for k, v in collate(features[i:i + batch_size], pad_token_id).items()}
         chosen, rejected = concatenated_forward(model, batch)
         r_c = beta * (chosen - batch["ref_chosen_logps"])
         r_r = beta * (rejected - batch["ref_rejected_logps"])
