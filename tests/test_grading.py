@@ -101,3 +101,69 @@ def test_mistakes_really_differ_from_reference():
             outs = [(grader._outputs(m.fn, a), grader._outputs(grader.reference, a)) for a in cases]
             assert not all(grading._close(x, y, grader.rtol, grader.atol)
                            for o, ref in outs for x, y in zip(o, ref)), (name, m.hint)
+
+
+# ------------------------------------------------------------------ lessons 02 and 03 (harness graders)
+
+def test_split_accepts_batch_encodings_and_tensors(capsys):
+    def as_encodings(tok, prompt, response):
+        p = tok.apply_chat_template(prompt, add_generation_prompt=True)  # a BatchEncoding in transformers 5
+        full = tok.apply_chat_template(prompt + response, return_tensors="pt")["input_ids"]  # [1, T]
+        return p, full[0, len(p["input_ids"]):]
+
+    grading.check_split_prompt_completion(as_encodings)
+    assert capsys.readouterr().out == "✓ split_prompt_completion: 6/6 cases match\n"
+    with pytest.raises(AssertionError, match="list of token ids"):
+        grading.check_split_prompt_completion(lambda tok, p, r: ("text", [1]))
+    with pytest.raises(AssertionError, match="return a tuple"):
+        grading.check_split_prompt_completion(lambda tok, p, r: [1, 2, 3])
+
+
+def test_reference_detached_after_the_fact_is_flagged():
+    def detached(ref_model, batch):  # right values, but autograd ran during the forward
+        chosen, rejected = grading.concatenated_forward(ref_model, batch)
+        return chosen.detach(), rejected.detach()
+
+    with pytest.raises(AssertionError, match="torch.no_grad"):
+        grading.check_reference_logps(detached)
+
+
+def test_train_step_flags_reference_grads_and_bad_returns():
+    def two_forwards(policy, ref_model, optimizer, batch, beta):  # correct, written differently
+        B = batch["input_ids"].shape[0] // 2
+        logps = grading.sequence_logprobs(policy(input_ids=batch["input_ids"],
+                                                 attention_mask=batch["attention_mask"]).logits,
+                                          batch["input_ids"], batch["completion_mask"])
+        with torch.no_grad():
+            ref = grading.reference_reference_logps(ref_model, batch)
+        losses, _, _ = grading.dpo_loss(logps[:B], logps[B:], *ref, beta=beta)
+        optimizer.zero_grad()
+        losses.mean().backward()
+        optimizer.step()
+        return losses.mean()  # a 0-d tensor is fine
+
+    grading.check_dpo_train_step(two_forwards)
+    with pytest.raises(AssertionError, match="forget `return`"):
+        grading.check_dpo_train_step(lambda *a: None)
+    with pytest.raises(AssertionError, match="return the loss"):
+        grading.check_dpo_train_step(lambda *a: (grading.reference_dpo_train_step(*a), {}))
+
+
+def test_harness_graders_leave_the_learner_state_alone(capsys):
+    torch.set_num_threads(2)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    grading.check_dpo_train_step(grading.reference_dpo_train_step)
+    grading.check_concatenated_logps(grading.reference_concatenated_logps)
+    assert torch.equal(torch.rand(3), expected)  # the global RNG was not reseeded by the tiny models
+    assert torch.get_num_threads() == 2
+    assert capsys.readouterr().out.count("✓") == 2
+
+
+def test_every_required_mistake_is_covered():
+    """The course promises hints for these mistakes (COURSE.md, Exercises)."""
+    hints = " ".join(m.hint for g in GRADERS.values() for m in g.mistakes)
+    for phrase in ["β is missing", "mean instead of sum", "not shifted", "prompt is not masked", "torch.no_grad",
+                   "duplicated BOS", "end-of-turn token"]:
+        assert phrase in hints, phrase
