@@ -1,4 +1,4 @@
-"""``python -m dpo_lib COMMAND``: train, pairs, validate, exercises.
+"""``python -m dpo_lib COMMAND``: train, pairs, validate, exercises, bench.
 
 Errors a user can fix (bad data, a missing model, a diverging run) print a message and
 exit non-zero: 2 for bad input, 3 for a run stopped by a non-finite loss.
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .job import DEFAULT_TEST, DEFAULT_TRAIN
 
     parser = argparse.ArgumentParser(prog="python -m dpo_lib", description="Direct Preference Optimization, small and tested.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,pairs,validate,exercises}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,pairs,validate,exercises,bench}")
 
     t = sub.add_parser("train", help="DPO-train a model on preference pairs (default: the embedded model on the bundled sentiment pairs)")
     _add_model_args(t)
@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--skip-invalid", action="store_true", help="report, keep the good rows, exit 0 if any remain")
     v.add_argument("--max-length", type=int, default=None, help="also flag prompts too long for this many tokens")
     v.add_argument("--model", default=None, help="tokenizer for --max-length (default: the embedded model)")
+
+    from .bench import add_arguments as add_bench_arguments
+    b = sub.add_parser("bench", help="time dpo_lib's trainer against TRL's DPOTrainer on the same work (--vs trl)")
+    add_bench_arguments(b)
 
     e = sub.add_parser("exercises", help="generate exercises/ from solutions/ (or --check they are in sync)")
     e.add_argument("rest", nargs=argparse.REMAINDER)
@@ -181,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_pairs(args)
         if args.command == "validate":
             return cmd_validate(args)
+        if args.command == "bench":
+            from .bench import main as bench_main
+            return bench_main(args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,16 @@ Metrics use TRL's names (see COURSE.md); each step appends one JSON line to
 ``OUT/metrics.jsonl``. Checkpoints (``OUT/checkpoints/step-N``) hold the model
 (safetensors), optimizer, scheduler, RNG states and the position in the data; they are
 written to a temporary folder and renamed, so a crash mid-save leaves the last good one.
+
+Speed (off by default; same maths, fewer FLOPs — see ``python -m dpo_lib bench``):
+``sort_by_length`` orders each step's pairs by length before cutting them into the
+``grad_accum`` micro-batches, so each micro-batch is padded only to its own longest pair;
+``compact_lm_head`` runs the LM head only on the positions that score a completion token.
+
+Several processes (``accelerate launch``, see ``configs/``): pass an ``accelerate.Accelerator``.
+The model and optimizer are prepared by it (DDP or FSDP), every process takes its share of
+each global batch of ``batch_size`` pairs (so a step is the same as on one process), the
+metrics are averaged over processes, and only the main process writes files.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +42,7 @@ from tqdm.auto import tqdm
 from .data import collate
 from .logprobs import concatenated_forward
 from .losses import chosen_nll, dpo_loss
+from .reference import FrozenReference
 
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected")
@@ -55,6 +67,9 @@ class TrainConfig:
     print_every: int = 8           # metrics table every N steps (0: never)
     save_every: int = 0            # checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2
+    shuffle: bool = True           # False: pairs in file order (benchmarks and parity runs)
+    sort_by_length: bool = False   # sort each step's pairs by length into micro-batches: less padding, same loss
+    compact_lm_head: bool = False  # LM head only where a completion token is scored (same numbers, fewer FLOPs)
 
 
 class NonFiniteError(RuntimeError):
@@ -99,16 +114,25 @@ class DPOTrainer:
 
     def __init__(self, model, features: list[dict], config: TrainConfig, pad_token_id: int,
                  reference=None, out_dir: str | Path | None = None, accelerator=None):
-        if config.batch_size % config.grad_accum:
-            raise ValueError(f"batch_size={config.batch_size} is not divisible by grad_accum={config.grad_accum}")
+        self.world = accelerator.num_processes if accelerator is not None else 1
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        if config.batch_size % (config.grad_accum * self.world):
+            raise ValueError(f"batch_size={config.batch_size} is not divisible by grad_accum={config.grad_accum}"
+                             + (f" x {self.world} processes" if self.world > 1 else ""))
         if reference is None and "ref_chosen_logps" not in features[0]:
             raise ValueError("no reference: pass reference=... or precompute reference log-probs")
         self.model, self.features, self.config = model, features, config
         self.pad_token_id, self.reference = pad_token_id, reference
         self.out = Path(out_dir) if out_dir else None
-        if self.out:
-            self.out.mkdir(parents=True, exist_ok=True)
         self.accelerator = accelerator
+        self.is_main = accelerator is None or accelerator.is_main_process
+        if self.out and self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if accelerator is not None:
+            self.model = model = accelerator.prepare_model(model)  # DDP/FSDP wrapper; prepared before the optimizer
+        self.device = accelerator.device if accelerator is not None else next(model.parameters()).device
+        if isinstance(reference, FrozenReference):
+            reference.model.to(self.device)
         self.steps_per_epoch = len(features) // config.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(features)} pairs is fewer than one batch of {config.batch_size}")
@@ -123,6 +147,8 @@ class DPOTrainer:
             lr=config.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, config.schedule))
+        if accelerator is not None:  # the scheduler stays ours: one step per global batch, whatever the process count
+            self.optimizer = accelerator.prepare_optimizer(self.optimizer)
         self.step = 0
         self.num_tokens = 0
         self.history: list[dict] = []
@@ -136,16 +162,31 @@ class DPOTrainer:
         """Pair indices of optimizer step ``step``: a seeded shuffle per epoch, so the
         position in the data is a function of the step alone (exact resume)."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng(self.config.seed + epoch).permutation(len(self.features))
+        order = (np.random.default_rng(self.config.seed + epoch).permutation(len(self.features)) if self.config.shuffle
+                 else np.arange(len(self.features)))
         bs = self.config.batch_size
         return order[k * bs:(k + 1) * bs].tolist()
+
+    def pair_length(self, i: int) -> int:
+        f = self.features[i]
+        return len(f["prompt_ids"]) + max(len(f["chosen_ids"]), len(f["rejected_ids"]))
+
+    def local_indices(self, step: int) -> list[int]:
+        """This process's pairs of step ``step``: all of them on one process; with ``sort_by_length``,
+        in increasing length (processes take every ``world``-th, which balances their lengths)."""
+        idx = self.batch_indices(step)
+        if self.config.sort_by_length:
+            idx = sorted(idx, key=lambda i: (self.pair_length(i), i))
+            return idx[self.rank::self.world]
+        per = len(idx) // self.world
+        return idx[self.rank * per:(self.rank + 1) * per]
 
     # ------------------------------------------------------------------ one step
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Loss of one collated micro-batch and its metrics (TRL names)."""
         c = self.config
-        chosen, rejected = concatenated_forward(self.model, batch)                 # (B,), (B,)
+        chosen, rejected = concatenated_forward(self.model, batch, compact_head=c.compact_lm_head)  # (B,), (B,)
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
@@ -173,23 +214,39 @@ class DPOTrainer:
     def train_step(self) -> dict:
         c = self.config
         t0 = time.perf_counter()
+        acc = self.accelerator
         self.model.train()
-        idx = self.batch_indices(self.step)
-        micro = c.batch_size // c.grad_accum
+        idx = self.local_indices(self.step)
+        micro = len(idx) // c.grad_accum
         sums: dict[str, float] = {}
         tokens = 0
         for a in range(c.grad_accum):
             batch = collate([self.features[i] for i in idx[a * micro:(a + 1) * micro]], self.pad_token_id)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
             tokens += int(batch["attention_mask"].sum())
-            loss, m = self.compute_loss(batch)
-            if not math.isfinite(m["loss"]):
-                self._stop(f"non-finite loss ({m['loss']})")
-            scaled = loss / c.grad_accum  # equal micro-batches: the mean over the whole step
-            self.accelerator.backward(scaled) if self.accelerator else scaled.backward()
+            last = a == c.grad_accum - 1  # DDP: all-reduce the gradients once, after the last micro-batch
+            with (acc.no_sync(self.model) if acc is not None and self.world > 1 and not last else nullcontext()):
+                with (acc.autocast() if acc is not None else nullcontext()):
+                    loss, m = self.compute_loss(batch)
+                if self.world == 1 and not math.isfinite(m["loss"]):
+                    self._stop(f"non-finite loss ({m['loss']})")
+                scaled = loss / c.grad_accum  # equal micro-batches: the mean over the whole step
+                acc.backward(scaled) if acc is not None else scaled.backward()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v / c.grad_accum
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm))
+        if self.world > 1:  # equal shards: the global mean is the mean of the processes' means
+            keys = sorted(sums)
+            packed = acc.reduce(torch.tensor([sums[k] for k in keys] + [float(tokens)], dtype=torch.float64,
+                                             device=self.device), reduction="sum").tolist()
+            sums = {k: v / self.world for k, v in zip(keys, packed)}
+            tokens = int(packed[-1])
+            if not math.isfinite(sums["loss"]):
+                self._stop(f"non-finite loss ({sums['loss']})")
+        if acc is not None:  # all parameters: accelerate matches the list against the model's (FSDP); no-grad ones are skipped
+            grad_norm = float(acc.clip_grad_norm_(list(self.model.parameters()), c.max_grad_norm))
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                             c.max_grad_norm))
         if not math.isfinite(grad_norm):
             self._stop(f"non-finite gradient norm ({grad_norm})")
         lr = self.scheduler.get_last_lr()[0]
@@ -225,8 +282,10 @@ class DPOTrainer:
             else:
                 self.load_checkpoint(last)
                 print(f"[dpo_lib] resumed from {last} (step {self.step}/{self.total_steps})")
-        metrics_file = open(self.out / "metrics.jsonl", "a" if self.step else "w") if self.out else None
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="DPO", disable=not progress, dynamic_ncols=True)
+        main = self.is_main
+        metrics_file = open(self.out / "metrics.jsonl", "a" if self.step else "w") if self.out and main else None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="DPO", disable=not (progress and main),
+                   dynamic_ncols=True)
         try:
             while self.step < self.total_steps:
                 m = self.train_step()
@@ -236,7 +295,7 @@ class DPOTrainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}")
                 c = self.config
-                if c.print_every and (self.step % c.print_every == 0 or self.step == self.total_steps):
+                if main and c.print_every and (self.step % c.print_every == 0 or self.step == self.total_steps):
                     table = {"accuracy": m["rewards/accuracies"], "dpo_loss": m["loss"],
                              "margin": m["rewards/margins"], "chosen_reward": m["rewards/chosen"],
                              "rejected_reward": m["rewards/rejected"], "learning_rate": m["learning_rate"],
@@ -266,14 +325,30 @@ class DPOTrainer:
                 return path
         return None
 
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
+
     def save_checkpoint(self) -> Path:
+        """Write a checkpoint (main process only; every process must call it, they wait for each other)."""
+        acc = self.accelerator
+        if acc is not None and "FSDP" in str(acc.distributed_type):
+            raise NotImplementedError("checkpoints under FSDP are not supported by dpo_lib's trainer: train with "
+                                      "save_every=0 and save the model with accelerator.get_state_dict(model)")
         root = self.out / "checkpoints"
+        final = root / f"step-{self.step:06d}"
+        if self.is_main:
+            final = self._write_checkpoint(root)
+        if acc is not None and self.world > 1:
+            acc.wait_for_everyone()
+        return final
+
+    def _write_checkpoint(self, root: Path) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         name = f"step-{self.step:06d}"
         tmp = root / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_model(self.model, str(tmp / "model.safetensors"))
+        save_model(self._unwrapped(), str(tmp / "model.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
         state = {"step": self.step, "num_tokens": self.num_tokens, "config": asdict(self.config),
@@ -292,13 +367,13 @@ class DPOTrainer:
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        load_model(self.model, str(path / "model.safetensors"))
+        load_model(self._unwrapped(), str(path / "model.safetensors"))
         state = torch.load(path / "optimizer.pt", weights_only=True)  # tensors and numbers only: no pickle code
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         meta = json.loads((path / "trainer_state.json").read_text())
         self.step, self.num_tokens, self.history = meta["step"], meta["num_tokens"], meta["history"]
-        if self.out and (self.out / "metrics.jsonl").is_file():  # drop lines logged after this checkpoint
+        if self.out and self.is_main and (self.out / "metrics.jsonl").is_file():  # drop lines logged after this checkpoint
             lines = (self.out / "metrics.jsonl").read_text().splitlines()
             _atomic_write_text(self.out / "metrics.jsonl", "".join(l + "\n" for l in lines[:self.step]))

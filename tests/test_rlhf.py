@@ -8,10 +8,14 @@ import torch
 
 from dpo_lib.logprobs import sequence_logprobs
 from dpo_lib.models import tiny_model, tiny_tokenizer
+from torch import nn
+
 from dpo_lib.rlhf import (
-    AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, PPOTrainer, RewardModel,
-    best_of_n, best_of_n_kl, compute_gae, entropy_from_logits, kl_shaped_rewards, left_pad, mask_after_eos,
-    ppo_policy_loss, ppo_value_loss, response_forward, reward_model_loss, rollout, sequence_kl,
+    AdaptiveKLController, FixedKLController, FrozenTrunk, PeakMemory, PolicyWithValue, PPOConfig, PPOTrainer, RewardModel,
+    best_of_n, best_of_n_kl, closed_turns, compute_gae, end_of_turn_ids, entropy_from_logits, expected_best_of_n,
+    kl_shaped_rewards, left_pad, mask_after_eos, megabytes, pair_logps_and_hidden, ppo_policy_loss, ppo_value_loss,
+    response_forward, reward_model_loss, rollout, sample_and_score, sequence_kl, train_only_top_blocks,
+    train_reward_head,
 )
 
 T = torch.tensor
@@ -301,3 +305,220 @@ def test_best_of_n(tok):
     assert out["best_reward"] == max(out["rewards"]) and out["best"] in out["texts"]
     assert best_of_n_kl(1) == 0.0
     close(best_of_n_kl(4), math.log(4) - 0.75)
+
+
+# ------------------------------------------------------------------ lesson 04 helpers
+
+
+def test_closed_turns_cut_at_eos_and_append_suffix(tok):
+    torch.manual_seed(0)
+    lm = tiny_model(vocab_size=len(tok), seed=0)
+    prompts = [tok.encode("hello there"), tok.encode("x"), tok.encode("abc")] * 4
+    batch = rollout(lm, tok, prompts, max_new_tokens=10)
+    suffix = [tok.eos_token_id, tok.convert_tokens_to_ids("\n")]
+    ids, mask, completion = closed_turns(batch, suffix, tok.eos_token_id, tok.pad_token_id)
+    assert (batch.response_mask.sum(-1) < 10).any() and (batch.response_mask.sum(-1) == 10).any()
+    for i in range(len(prompts)):
+        kept = batch.response_ids[i, : int(batch.response_mask[i].sum())].tolist()
+        kept = kept[:-1] if kept and kept[-1] == tok.eos_token_id else kept   # a finished turn loses its EOS
+        assert ids[i][mask[i].bool()].tolist() == prompts[i] + kept + suffix   # then gets the template's end
+        assert ids[i][completion[i].bool()].tolist() == kept + suffix          # the response part, suffix included
+
+
+def test_ppo_reward_model_scores_closed_turns(tok):
+    torch.manual_seed(0)
+    lm = tiny_model(vocab_size=len(tok), seed=0)
+    rm = RewardModel.from_causal_lm(lm)
+    suffix = end_of_turn_ids(tok)
+    trainer = PPOTrainer(PolicyWithValue(copy.deepcopy(lm)), lm, tok, PPOConfig(max_new_tokens=6),
+                         reward_model=rm, reward_suffix_ids=suffix)
+    batch = rollout(trainer.policy, tok, [tok.encode("hi"), tok.encode("abc")], 6)
+    close(trainer.score(batch), rm(*closed_turns(batch, suffix, tok.eos_token_id, tok.pad_token_id)))
+    mean_rm = RewardModel.from_causal_lm(lm, pooling="mean")          # scores are finite with mean pooling too
+    assert torch.isfinite(PPOTrainer(trainer.policy, lm, tok, PPOConfig(max_new_tokens=6), reward_model=mean_rm,
+                                     reward_suffix_ids=suffix).score(batch)).all()
+    logs = trainer.step([tok.encode("hi"), tok.encode("abc")] * 4)
+    assert 0 < logs["time/rollout_seconds"] < logs["time/step_seconds"]
+
+
+def test_end_of_turn_ids_is_what_the_template_writes(tok):
+    # the tiny ChatML template writes "<|im_end|>\n" after every message
+    assert end_of_turn_ids(tok) == [tok.eos_token_id, tok.convert_tokens_to_ids("\n")]
+
+
+def test_train_only_top_blocks():
+    lm = tiny_model(seed=0, num_layers=3)
+    total = sum(p.numel() for p in lm.parameters())
+    top = sum(p.numel() for p in lm.model.layers[2].parameters()) + sum(p.numel() for p in lm.model.norm.parameters())
+    assert train_only_top_blocks(lm, 1) == top
+    assert not lm.model.embed_tokens.weight.requires_grad and not lm.model.layers[1].self_attn.q_proj.weight.requires_grad
+    ids = T([[1, 40, 41, 42]])
+    lm(input_ids=ids).logits.sum().backward()
+    assert lm.model.layers[0].mlp.up_proj.weight.grad is None and lm.model.layers[2].mlp.up_proj.weight.grad is not None
+    assert train_only_top_blocks(lm, None) == total
+
+
+def test_pair_logps_and_hidden_match_the_reference_and_the_reward_model(tok):
+    from dpo_lib.data import collate, tokenize_rows
+    from dpo_lib.logprobs import concatenated_forward
+    lm = tiny_model(vocab_size=len(tok), seed=0)
+    rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]}
+            for p, c, r in [("hi", "good day!", "bad"), ("tell me a story please", "ok", "no, never ever"),
+                            ("x", "a a a a a a", "b")]]
+    features, _ = tokenize_rows(tok, rows)
+    out = pair_logps_and_hidden(lm, features, tok.pad_token_id, batch_size=2)   # batches of 2 and 1
+    chosen, rejected = concatenated_forward(lm, collate(features, tok.pad_token_id))
+    close(out["chosen_logps"], chosen, atol=1e-4)
+    close(out["rejected_logps"], rejected, atol=1e-4)
+    for pooling in ("last", "mean"):
+        rm = RewardModel.from_causal_lm(lm, pooling=pooling)
+        for i, f in enumerate(features):  # the head on the cached feature = the reward model on the sequence
+            for key, completion in (("chosen", f["chosen_ids"]), ("rejected", f["rejected_ids"])):
+                ids = T([f["prompt_ids"] + completion])
+                mask = T([[0] * len(f["prompt_ids"]) + [1] * len(completion)])
+                close(rm.head(out[f"{key}_{pooling}"][i]), rm(ids, torch.ones_like(ids), mask), atol=1e-4)
+
+
+def test_reward_model_mean_pooling_reads_the_response_only():
+    lm = tiny_model(seed=1)
+    rm = RewardModel.from_causal_lm(lm, pooling="mean")
+    ids = T([[1, 40, 41, 42, 43, 44]])
+    completion = T([[0, 0, 0, 1, 1, 1]])
+    hidden = rm.backbone(input_ids=ids).last_hidden_state[0]
+    close(rm(ids, torch.ones_like(ids), completion), rm.head(hidden[3:].mean(0)), atol=1e-5)
+    left = rm(T([[2, 2, 1, 40, 41, 42, 43, 44]]), T([[0, 0, 1, 1, 1, 1, 1, 1]]), T([[0, 0, 0, 0, 0, 1, 1, 1]]))
+    close(left, rm(ids, torch.ones_like(ids), completion), atol=1e-4)   # left padding changes nothing
+    with pytest.raises(ValueError):
+        rm(ids, torch.ones_like(ids))                                   # mean pooling needs the response mask
+    with pytest.raises(ValueError):
+        RewardModel(nn.Identity(), 4, pooling="max")
+
+
+def test_train_reward_head_starts_at_ln2_and_separates_the_pairs():
+    torch.manual_seed(0)
+    direction = torch.randn(16)
+    chosen, rejected = torch.randn(40, 16) + 0.5 * direction, torch.randn(40, 16) - 0.5 * direction
+    rm = RewardModel(nn.Identity(), 16)
+    history = train_reward_head(rm, chosen, rejected, epochs=100, lr=0.05)
+    close(history[0]["loss"], math.log(2))       # zero head: every reward is 0
+    assert history[0]["accuracy"] == 0.0          # ties are not correct
+    assert history[-1]["loss"] < 0.3 and history[-1]["accuracy"] > 0.9
+    scores = rm.head(torch.cat([chosen, rejected])).squeeze(-1)
+    close(scores.mean(), 0.0, atol=1e-5)          # standardised on the training responses
+    close(scores.std(), 1.0, atol=1e-5)
+    close(reward_model_loss(rm.head(chosen).squeeze(-1), rm.head(rejected).squeeze(-1))[1], history[-1]["accuracy"],
+          atol=0.05)
+
+
+def test_expected_best_of_n_equals_brute_force_over_subsets():
+    import itertools
+    torch.manual_seed(0)
+    rewards, proxy = torch.randn(3, 6), torch.randn(3, 6)
+    for n in range(1, 7):
+        for select in (None, proxy):
+            key = rewards if select is None else select
+            brute = sum(
+                sum(float(rewards[p, max(s, key=lambda j: float(key[p, j]))]) for s in itertools.combinations(range(6), n))
+                / math.comb(6, n) for p in range(3)) / 3
+            close(expected_best_of_n(rewards, n, select), brute, atol=1e-5)
+    close(expected_best_of_n(rewards, 1), rewards.mean(), atol=1e-6)        # best of 1 = a plain sample
+    close(expected_best_of_n(rewards, 6), rewards.max(1).values.mean(), atol=1e-6)
+    with pytest.raises(ValueError):
+        expected_best_of_n(rewards, 7)
+
+
+def test_sample_and_score_shapes_and_zero_kl_against_itself(tok):
+    lm = tiny_model(vocab_size=len(tok), seed=0)
+    prompts = [tok.encode("hi"), tok.encode("abc"), tok.encode("x")]
+    rm = RewardModel.from_causal_lm(lm)
+    out = sample_and_score(lm, tok, prompts, frac_a, max_new_tokens=5, ref_model=lm, n=4, batch_size=5,
+                           reward_model=rm, reward_suffix_ids=end_of_turn_ids(tok))
+    assert out["rewards"].shape == out["kl"].shape == out["proxy"].shape == (3, 4) and len(out["texts"]) == 12
+    close(out["kl"], torch.zeros(3, 4))
+    again = sample_and_score(lm, tok, prompts, frac_a, max_new_tokens=5, n=4, batch_size=5)
+    assert again["texts"] == out["texts"]        # seeded
+    other = sample_and_score(lm, tok, prompts, frac_a, max_new_tokens=5, ref_model=tiny_model(len(tok), seed=5), n=4)
+    assert other["kl"].abs().sum() > 0
+
+
+def test_megabytes_counts_shared_tensors_once():
+    lm = tiny_model(seed=0)                       # tied embeddings: lm_head.weight is embed_tokens.weight
+    n = sum(p.numel() for p in lm.parameters())   # parameters() already yields the tied tensor once
+    close(megabytes(lm), n * 4 / 2**20)
+    close(megabytes(lm, lm), megabytes(lm))
+    rm = RewardModel.from_causal_lm(lm, copy_weights=False)   # shares the backbone: only the head is new
+    close(megabytes(lm, rm) - megabytes(lm), (32 + 1) * 4 / 2**20)
+    train_only_top_blocks(lm, 1)
+    assert 0 < megabytes(lm, trainable_only=True) < megabytes(lm)
+
+
+def test_peak_memory_sees_a_block_allocation():
+    with PeakMemory() as m:
+        x = torch.ones(64 * 2**20 // 4)           # 64 MB, touched
+        del x
+    assert m.peak_mb > 48 and (m.exact or math.isfinite(m.peak_mb))
+    with PeakMemory() as small:
+        pass
+    if small.exact:
+        assert small.peak_mb < 16                 # the earlier 64 MB are not charged to this block
+
+
+def test_frozen_trunk_branches_compute_what_the_whole_model_computes(tok):
+    torch.manual_seed(0)
+    base = tiny_model(vocab_size=len(tok), seed=0, num_layers=3)
+    trunk = FrozenTrunk(base, n_top=1)
+    reference, policy = trunk.branch(trainable=False), trunk.branch()
+    assert policy.lm.model.layers[0].mlp.up_proj.weight is base.model.layers[0].mlp.up_proj.weight   # shared
+    assert policy.lm.model.layers[2].mlp.up_proj.weight is not base.model.layers[2].mlp.up_proj.weight
+    assert {n for n, p in policy.named_parameters() if p.requires_grad} == {
+        n for n, p in policy.named_parameters() if ".layers.2." in n or n.endswith("model.norm.weight")}
+    ids = T([[1, 40, 41, 42, 43, 44], [2, 2, 2, 1, 45, 46]])             # the second row is left-padded
+    mask = T([[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    full = base(input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True)
+    out = reference(ids, mask, pos, output_hidden_states=True)
+    m = mask.bool()
+    close(out.logits[m], full.logits[m], atol=1e-5)
+    close(out.hidden_states[-1][m], full.hidden_states[-1][m], atol=1e-5)
+    assert trunk.misses == 2 and trunk.hits == 0
+    # train the policy a little: its memoised path must still equal its own whole-model forward
+    opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.5)
+    policy(ids, mask, pos).logits[m].logsumexp(-1).sum().backward()
+    opt.step()
+    assert trunk.hits == 2                                              # the trunk ran once for both models
+    close(policy(ids, mask, pos).logits[m], policy.lm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[m],
+          atol=1e-5)
+    close(reference(ids, mask, pos).logits[m], full.logits[m], atol=1e-5)   # the base did not move
+    assert (policy(ids, mask, pos).logits[m] - full.logits[m]).abs().max() > 1e-3
+    right = reference(T([[1, 45, 46, 2, 2]]), T([[1, 1, 1, 0, 0]])).logits[0, :3]   # padding side is irrelevant
+    close(right, full.logits[1, 3:], atol=1e-5)
+    with pytest.raises(ValueError):
+        FrozenTrunk(base, n_top=3)
+
+
+def test_frozen_trunk_runs_ppo_dpo_and_the_pair_pass(tok):
+    from dpo_lib.data import tokenize_rows
+    from dpo_lib.trainer import DPOTrainer, TrainConfig
+    torch.manual_seed(0)
+    base = tiny_model(vocab_size=len(tok), seed=0, num_layers=3)
+    trunk = FrozenTrunk(base, n_top=1)
+    rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
+             "rejected": [{"role": "assistant", "content": r}]} for p, c, r in [("hi", "aaa", "b"), ("yo", "a a", "bb")]]
+    features, _ = tokenize_rows(tok, rows)
+    cached = pair_logps_and_hidden(trunk.branch(trainable=False), features, tok.pad_token_id)
+    plain = pair_logps_and_hidden(base, features, tok.pad_token_id)
+    for key in plain:
+        close(cached[key], plain[key], atol=1e-4)
+    features = [dict(f, ref_chosen_logps=float(c), ref_rejected_logps=float(r))
+                for f, c, r in zip(features, plain["chosen_logps"], plain["rejected_logps"])]
+    policy = trunk.branch()
+    history = DPOTrainer(policy, features, TrainConfig(batch_size=2, max_steps=3, learning_rate=1e-2, print_every=0),
+                         pad_token_id=tok.pad_token_id).train(progress=False)
+    close(history[0]["loss"], math.log(2), atol=1e-5)
+    assert history[-1]["loss"] < history[0]["loss"]
+    trainer = PPOTrainer(PolicyWithValue(trunk.branch()), trunk.branch(trainable=False), tok,
+                         PPOConfig(max_new_tokens=4, mini_batch_size=4, learning_rate=1e-2), reward_fn=frac_a)
+    logs = [trainer.step([tok.encode("hi"), tok.encode("abc")] * 2) for _ in range(2)]
+    assert logs[0]["objective/kl"] == 0.0 and math.isfinite(logs[1]["objective/kl"])
+    assert trainer.policy.value_head.linear.weight.abs().sum() > 0      # the value head trained too

@@ -1,0 +1,42 @@
+"""`python -m dpo_lib bench --vs trl` end to end on a tiny model (no timing assertions)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("trl", reason="the bench compares with TRL (dev extra)")
+
+from dpo_lib.cli import main  # noqa: E402
+
+from _tiny import save_tiny, toy_rows, write_jsonl  # noqa: E402
+
+
+def test_bench_runs_both_trainers_and_writes_json(tmp_path, capsys):
+    model = save_tiny(tmp_path / "model")
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_rows(12))
+    out = tmp_path / "bench.json"
+    status = main(["bench", "--vs", "trl", "--model", str(model), "--dataset", str(data), "--steps", "2",
+                   "--batch-size", "4", "--repeats", "1", "--threads", "1", "--peak-flops", "1e11",
+                   "--json", str(out)])
+    assert status == 0
+    r = json.loads(out.read_text())
+    for key in ("throughput_ratio", "peak_memory_ratio", "end_to_end_ratio", "loss_max_abs_diff", "loss_tolerance",
+                "same_tokens", "losses", "settings", "machine", "what_is_timed", "runs"):
+        assert key in r, key
+    for impl in ("trl", "dpo_lib"):
+        for key in ("tokens_per_second", "seconds_per_step", "peak_memory_bytes", "total_seconds", "mfu"):
+            assert r[impl][key] > 0, (impl, key)
+        assert len(r["losses"][impl]) == 2
+        assert len(r["runs"][impl]) == 1 and len(r["runs"][impl][0]["step_seconds"]) == 2
+    assert r["same_tokens"] is True                  # both trainers scored exactly the same token ids
+    assert abs(r["losses"]["trl"][0] - 0.693147) < 1e-5
+    assert r["loss_max_abs_diff"] <= r["loss_tolerance"] and r["loss_within_tolerance"]
+    assert r["throughput_ratio"] == pytest.approx(r["dpo_lib"]["tokens_per_second"] / r["trl"]["tokens_per_second"])
+    assert "tokens/s" in capsys.readouterr().out
+
+
+def test_bench_says_when_the_data_is_too_short(tmp_path, capsys):
+    model = save_tiny(tmp_path / "model")
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_rows(4))
+    assert main(["bench", "--model", str(model), "--dataset", str(data), "--steps", "2", "--batch-size", "4"]) == 2
+    assert "need 8" in capsys.readouterr().err
