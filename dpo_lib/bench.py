@@ -48,10 +48,13 @@ the per-step losses of the two trainers; both start from the same weights, so th
 differ only by float rounding (different kernels, padding, precomputed vs live reference)
 that the updates carry forward; ``loss_tolerance`` (1e-4) is the bound we expect.
 
-Micro-batches: with one CPU thread dpo_lib uses micro-batches of 2 length-sorted pairs (least
-padding); with several threads, and on a GPU, the whole batch in one forward: on a machine
-shared with other jobs every parallel kernel waits for all of its threads, and many small
-kernels then lose more time than the padding costs.
+Micro-batches: on a CPU dpo_lib cuts each step's length-sorted pairs into micro-batches of at
+most 4 (activations of 8 sequences at a time, whatever the batch; smaller ones run slower on 2
+cores: measured 1.34x TRL with micro-batches of 2 against 1.45x with 4); on a GPU it runs the
+whole batch in one forward.
+
+Defaults: 5 steps of 4 pairs, 2 repeats: the CPU run takes 4-5 minutes on 2 cores, most of it
+TRL's steps. The first step of each run is a warm-up and is not timed.
 
 GPU: ``--device cuda --dtype bf16`` runs both with bf16 autocast on fp32 master weights
 (TRL ``bf16=True``; dpo_lib through ``accelerate.Accelerator(mixed_precision="bf16")``).
@@ -59,17 +62,17 @@ GPU: ``--device cuda --dtype bf16`` runs both with bf16 autocast on fp32 master 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from .bench_child import child, pair_tokens
 
 LOSS_TOLERANCE = 1e-4
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
@@ -86,10 +89,10 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dataset", type=Path, default=None,
                    help="preference JSONL (default: data/sentiment/train.jsonl, else data/assistant/train.jsonl)")
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps per run")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
+    p.add_argument("--steps", type=int, default=5, help="optimizer steps per run (the first is not timed)")
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step")
     p.add_argument("--micro-batch-size", type=int, default=None,
-                   help="dpo_lib pairs per forward (default: 2 with --threads 1, else the whole batch)")
+                   help="dpo_lib pairs per forward (default: up to 4 on a CPU, the whole batch on a GPU)")
     p.add_argument("--max-length", type=int, default=160, help="tokens per prompt+response; longer pairs are skipped")
     p.add_argument("--repeats", type=int, default=2, help="runs of each trainer, alternating")
     p.add_argument("--learning-rate", type=float, default=1e-5)
@@ -104,41 +107,14 @@ def add_arguments(p) -> None:
 
 # ----------------------------------------------------------------------------- helpers
 
-def tokens_hash(features: list[dict]) -> str:
-    h = hashlib.sha256()
-    for f in features:
-        h.update(json.dumps([list(f["prompt_ids"]), list(f["chosen_ids"]), list(f["rejected_ids"])]).encode())
-    return h.hexdigest()[:16]
-
-
-def pair_tokens(f: dict) -> int:
-    """Non-padding tokens of one pair in the concatenated batch: prompt+chosen and prompt+rejected."""
-    return 2 * len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"])
-
-
-def peak_memory_bytes(device: str) -> int:
-    if device == "cuda":
-        import torch
-        return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def current_rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
 def select_rows(tokenizer, rows: list[dict], n: int, max_length: int) -> tuple[list[dict], list[dict], int]:
     """The first ``n`` rows whose untruncated pair fits ``max_length`` (so no trainer truncates)."""
-    from .data import tokenize_rows
+    from .data import pair_length, tokenize_rows
 
     features, _ = tokenize_rows(tokenizer, rows)
     keep_rows, keep_feats, skipped = [], [], 0
     for row, f in zip(rows, features):
-        if len(f["prompt_ids"]) + max(len(f["chosen_ids"]), len(f["rejected_ids"])) <= max_length:
+        if pair_length(f) <= max_length:
             keep_rows.append(row)
             keep_feats.append(f)
         else:
@@ -146,190 +122,6 @@ def select_rows(tokenizer, rows: list[dict], n: int, max_length: int) -> tuple[l
         if len(keep_rows) == n:
             break
     return keep_rows, keep_feats, skipped
-
-
-# ----------------------------------------------------------------------------- the children
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-        torch.cuda.synchronize()
-
-
-def _autocast(spec: dict):
-    import torch
-    from contextlib import nullcontext
-    if spec["dtype"] == "bf16":
-        return torch.autocast(spec["device"], dtype=torch.bfloat16)
-    return nullcontext()
-
-
-class PolicyAsReference:
-    """The policy before its first update *is* π_ref: score batches with it under ``no_grad``
-    in eval mode (compact LM head), so no second copy of the weights is ever made."""
-
-    def __init__(self, model, spec: dict):
-        self.model, self.spec = model, spec
-
-    def __call__(self, batch: dict):
-        import torch
-        from .logprobs import concatenated_forward
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), _autocast(self.spec):
-                batch = {k: v.to(self.spec["device"]) for k, v in batch.items()}
-                chosen, rejected = concatenated_forward(self.model, batch, compact_head=True)
-                return chosen.float().cpu(), rejected.float().cpu()
-        finally:
-            self.model.train(was_training)
-
-
-def run_dpo_lib(spec: dict, model, tokenizer) -> dict:
-    from .data import tokenize_rows
-    from .reference import precompute_reference_logps
-    from .trainer import DPOTrainer, TrainConfig
-
-    pad = tokenizer.pad_token_id
-    t0 = time.perf_counter()
-    features, _ = tokenize_rows(tokenizer, spec["rows"], max_length=spec["max_length"])
-    t_ref, c_ref = time.perf_counter(), time.process_time()
-    order = sorted(range(len(features)), key=lambda i: (len(features[i]["prompt_ids"]) +
-                                                         max(len(features[i]["chosen_ids"]),
-                                                             len(features[i]["rejected_ids"])), i))
-    scored = precompute_reference_logps(PolicyAsReference(model, spec), [features[i] for i in order], pad,
-                                        batch_size=spec["batch_size"])
-    features = [None] * len(order)
-    for i, f in zip(order, scored):
-        features[i] = f
-    reference_seconds = time.perf_counter() - t_ref
-    reference_cpu_seconds = time.process_time() - c_ref
-    micro = spec["micro_batch_size"]
-    config = TrainConfig(beta=spec["beta"], learning_rate=spec["learning_rate"], batch_size=spec["batch_size"],
-                         grad_accum=spec["batch_size"] // micro, max_steps=spec["steps"], warmup_ratio=0.0,
-                         schedule="constant", weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"],
-                         print_every=0, shuffle=False, sort_by_length=True, compact_lm_head=True)
-    accelerator = None
-    if spec["device"] == "cuda" or spec["dtype"] == "bf16":
-        from accelerate import Accelerator
-        accelerator = Accelerator(cpu=spec["device"] == "cpu",
-                                  mixed_precision="bf16" if spec["dtype"] == "bf16" else "no")
-    trainer = DPOTrainer(model, features, config, pad_token_id=pad, accelerator=accelerator)
-    _sync(spec["device"])
-    prep_seconds = time.perf_counter() - t0
-    stamps, cpu, losses = [time.perf_counter()], [time.process_time()], []
-    for _ in range(spec["steps"]):
-        m = trainer.train_step()
-        _sync(spec["device"])
-        stamps.append(time.perf_counter())
-        cpu.append(time.process_time())
-        losses.append(m["loss"])
-    return {"prep_seconds": prep_seconds, "reference_seconds": reference_seconds,
-            "reference_cpu_seconds": reference_cpu_seconds,
-            "step_seconds": [b - a for a, b in zip(stamps, stamps[1:])],
-            "step_cpu_seconds": [b - a for a, b in zip(cpu, cpu[1:])], "losses": losses,
-            "tokens_hash": tokens_hash(features), "step_tokens": _step_tokens(features, spec),
-            "step_scored_tokens": _step_tokens(features, spec, scored=True)}
-
-
-def _step_tokens(features: list[dict], spec: dict, scored: bool = False) -> list[int]:
-    bs = spec["batch_size"]
-    count = (lambda f: len(f["chosen_ids"]) + len(f["rejected_ids"])) if scored else pair_tokens
-    return [sum(count(f) for f in features[s * bs:(s + 1) * bs]) for s in range(spec["steps"])]
-
-
-def run_trl(spec: dict, model, tokenizer, ref_model) -> dict:
-    import shutil
-
-    import datasets
-    import trl
-    from transformers import TrainerCallback
-
-    stamps: list[float] = []
-    cpu: list[float] = []
-
-    class StepTimer(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kw):
-            _sync(spec["device"])
-            stamps.append(time.perf_counter())
-            cpu.append(time.process_time())
-
-        def on_step_end(self, args, state, control, **kw):
-            _sync(spec["device"])
-            stamps.append(time.perf_counter())
-            cpu.append(time.process_time())
-
-    tmp = tempfile.mkdtemp(prefix="dpo_lib-bench-trl-")
-    args = trl.DPOConfig(
-        output_dir=tmp, per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
-        max_steps=spec["steps"], learning_rate=spec["learning_rate"], lr_scheduler_type="constant", warmup_steps=0,
-        beta=spec["beta"], loss_type=["sigmoid"], max_length=spec["max_length"], logging_steps=1, report_to="none",
-        save_strategy="no", seed=spec["seed"], max_grad_norm=1.0, weight_decay=0.0, optim="adamw_torch",
-        disable_tqdm=True, use_cpu=spec["device"] == "cpu", bf16=spec["dtype"] == "bf16",
-        train_sampling_strategy="sequential", dataloader_num_workers=0)
-    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in spec["rows"]]
-    t0 = time.perf_counter()
-    trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tokenizer, callbacks=[StepTimer()])
-    prep_seconds = time.perf_counter() - t0
-    trainer.train()
-    shutil.rmtree(tmp, ignore_errors=True)
-    features = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
-    return {"prep_seconds": prep_seconds, "reference_seconds": 0.0, "reference_cpu_seconds": 0.0,
-            "step_seconds": [b - a for a, b in zip(stamps, stamps[1:])],
-            "step_cpu_seconds": [b - a for a, b in zip(cpu, cpu[1:])], "losses": losses,
-            "tokens_hash": tokens_hash(features), "step_tokens": _step_tokens(features, spec),
-            "step_scored_tokens": _step_tokens(features, spec, scored=True)}
-
-
-def child(spec: dict) -> dict:
-    """One run of one trainer, in this (fresh) process."""
-    import torch
-
-    from .models import load_model
-    from .perf import dpo_step_flops, model_shape
-
-    torch.set_num_threads(spec["threads"])
-    torch.manual_seed(spec["seed"])
-    if spec["impl"] == "trl":  # import before the baseline below, like dpo_lib's modules already are
-        import datasets  # noqa: F401
-        import trl  # noqa: F401
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(spec["model"], device=spec["device"])
-    ref_model = load_model(spec["model"], device=spec["device"])[0] if spec["impl"] == "trl" else None
-    load_seconds = time.perf_counter() - t0
-    rss_after_load = current_rss_bytes()
-    if spec["device"] == "cuda":
-        torch.cuda.reset_peak_memory_stats()  # weights stay allocated, so they are in the peak
-    out = run_trl(spec, model, tokenizer, ref_model) if spec["impl"] == "trl" else run_dpo_lib(spec, model, tokenizer)
-    steps = out["step_seconds"]
-    tokens = out["step_tokens"]
-    warm = steps[1:] or steps
-    warm_tokens = tokens[1:] or tokens
-    ref_share = out["reference_seconds"] * sum(warm_tokens) / max(sum(tokens), 1)
-    warm_cpu = out["step_cpu_seconds"][1:] or out["step_cpu_seconds"]
-    ref_cpu_share = out["reference_cpu_seconds"] * sum(warm_tokens) / max(sum(tokens), 1)
-    # model FLOPs of the DPO algorithm (policy forward+backward, reference forward), the same for both trainers
-    shape = model_shape(model)
-    warm_scored = out["step_scored_tokens"][1:] or out["step_scored_tokens"]
-    flops = dpo_step_flops(shape, sum(warm_tokens), sum(warm_scored), reference="live")["total"]
-    out.update({
-        "impl": spec["impl"], "load_seconds_excluded": load_seconds,
-        "seconds_per_step": statistics.fmean(warm),
-        "tokens_per_second": sum(warm_tokens) / (sum(warm) + ref_share),
-        "cpu_seconds_per_step": statistics.fmean(warm_cpu),
-        "tokens_per_cpu_second": sum(warm_tokens) / (sum(warm_cpu) + ref_cpu_share),
-        "total_seconds": out["prep_seconds"] + sum(steps),
-        "end_to_end_tokens_per_second": sum(tokens) / (out["prep_seconds"] + sum(steps)),
-        "tokens": sum(tokens),
-        "model_flops_per_second": flops / (sum(warm) + ref_share),
-        "non_embedding_params": shape.non_embedding_params,
-        "peak_memory_bytes": peak_memory_bytes(spec["device"]),
-        "rss_after_load_bytes": rss_after_load,
-        "threads": torch.get_num_threads(),
-    })
-    return out
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -410,10 +202,8 @@ def main(args) -> int:
             print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
             return 2
     threads = args.threads or os.cpu_count() or 1
-    # one CPU thread: micro-batches of 2 length-sorted pairs (least padding); several threads or a GPU: the
-    # whole batch in one forward (fewer, larger kernels; on a busy machine every parallel kernel waits for
-    # all of its threads, so many small ones lose more than the padding costs)
-    micro = args.micro_batch_size or (2 if device == "cpu" and threads == 1 else args.batch_size)
+    # CPU: micro-batches of at most 4 length-sorted pairs (bounded activations); GPU: the whole batch in one forward
+    micro = args.micro_batch_size or (min(4, args.batch_size) if device == "cpu" else args.batch_size)
     if args.batch_size % micro:
         print(f"error: --batch-size {args.batch_size} is not a multiple of --micro-batch-size {micro}", file=sys.stderr)
         return 2

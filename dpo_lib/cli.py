@@ -45,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
     t.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step")
     t.add_argument("--max-steps", type=int, default=0, help="0: --epochs passes over the data")
-    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--epochs", type=int, default=2,
+                   help="passes over the data (default 2: one pass stops at ~0.73 held-out accuracy)")
+    t.add_argument("--sort-by-length", action=argparse.BooleanOptionalAction, default=True,
+                   help="sort each step's pairs by length into micro-batches: less padding, same loss")
+    t.add_argument("--compact-lm-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="LM head only on the positions that score a completion token: same numbers, fewer FLOPs")
     t.add_argument("--warmup-ratio", type=float, default=0.1)
     t.add_argument("--max-length", type=int, default=160, help="tokens per prompt+response")
     t.add_argument("--max-prompt-length", type=int, default=64, help="prompt tokens kept (from the end)")
@@ -107,7 +112,8 @@ def cmd_train(a) -> int:
                          nll_weight=a.nll_weight, learning_rate=a.learning_rate, batch_size=a.batch_size,
                          grad_accum=a.grad_accum, max_steps=a.max_steps, epochs=a.epochs,
                          warmup_ratio=a.warmup_ratio, seed=a.seed, print_every=a.print_every,
-                         save_every=a.save_every)
+                         save_every=a.save_every, sort_by_length=a.sort_by_length,
+                         compact_lm_head=a.compact_lm_head)
     summary = run(out, model_name=a.model, dataset=a.dataset, eval_dataset=None if a.no_eval else a.eval_dataset,
                   config=config, reward=None if a.reward == "none" else a.reward, max_length=a.max_length,
                   max_prompt_length=a.max_prompt_length, eval_samples=a.eval_samples, max_new_tokens=a.max_new_tokens,

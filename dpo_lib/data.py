@@ -314,6 +314,11 @@ def collate_sequences(prompts: list[list[int]], completions: list[list[int]], pa
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+def pair_length(feature: dict) -> int:
+    """Length of a tokenized pair once collated: its prompt plus the longer of its two responses."""
+    return len(feature["prompt_ids"]) + max(len(feature["chosen_ids"]), len(feature["rejected_ids"]))
+
+
 def collate(features: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """One concatenated batch: rows ``0..B-1`` are prompt+chosen, rows ``B..2B-1`` prompt+rejected.
 
@@ -328,3 +333,8 @@ def collate(features: list[dict], pad_token_id: int, pad_to_multiple_of: int | N
         if key in features[0]:
             batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)
     return batch
+
+
+def batch_to(batch: dict, device: torch.device | str) -> dict:
+    """Every tensor of a collated batch on ``device`` (collate builds batches on the CPU)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

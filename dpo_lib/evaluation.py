@@ -3,11 +3,14 @@
 * :func:`implicit_reward_accuracy` — on held-out pairs, how often the implicit reward
   :math:`\\hat r = \\beta\\log\\pi_\\theta/\\pi_\\text{ref}` (DPO Eq. 5) ranks chosen above rejected.
   At initialisation every reward is exactly 0, so the (strict) accuracy is 0, as in TRL.
+  The reference log-probs are precomputed in the features, or computed on the fly by a
+  reference of :mod:`dpo_lib.reference` (for LoRA: the same model with its adapter off).
 * :func:`mean_and_se` / :func:`win_rate` — the ground-truth reward of sampled completions,
   with standard errors, and how often the policy beats the reference on the same prompt.
 * :func:`sequence_kl` — a Monte-Carlo estimate of
   :math:`\\mathrm{KL}(\\pi_\\theta\\|\\pi_\\text{ref}) = \\mathbb E_{y\\sim\\pi_\\theta}[\\log\\pi_\\theta(y|x)-\\log\\pi_\\text{ref}(y|x)]`
-  from the policy's own samples (sequence level, in nats), with its standard error.
+  from the policy's own samples (sequence level, in nats), with its standard error; the
+  reference is a model or a reference of :mod:`dpo_lib.reference` (e.g. a LoRA policy's base).
 * :func:`side_by_side` — a Markdown table of reference and policy samples.
 """
 
@@ -17,7 +20,7 @@ import math
 
 import torch
 
-from .data import collate, collate_sequences
+from .data import batch_to, collate, collate_sequences
 from .logprobs import concatenated_forward
 
 
@@ -34,17 +37,28 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
 
 @torch.no_grad()
 def implicit_reward_accuracy(model, features: list[dict], pad_token_id: int, beta: float,
-                             batch_size: int = 8) -> dict:
-    """Held-out implicit-reward accuracy and mean margin. Features must carry reference log-probs."""
+                             batch_size: int = 8, reference=None) -> dict:
+    """Held-out implicit-reward accuracy and mean margin.
+
+    Without ``reference`` the features must carry reference log-probs
+    (:func:`dpo_lib.reference.precompute_reference_logps`). With ``reference``, a callable that
+    maps a collated batch to ``(ref_chosen, ref_rejected)`` log-probs (e.g.
+    :class:`~dpo_lib.reference.AdapterDisabledReference`), they are computed on the fly on the
+    model's device: for a LoRA policy, switching the adapter off *is* the reference, so nothing
+    needs precomputing.
+    """
     was_training = model.training
     model.eval()
     correct, margins = [], []
     device = next(model.parameters()).device
     for i in range(0, len(features), batch_size):
-        batch = {k: v.to(device) for k, v in collate(features[i:i + batch_size], pad_token_id).items()}
+        batch = batch_to(collate(features[i:i + batch_size], pad_token_id), device)
         chosen, rejected = concatenated_forward(model, batch)
-        r_c = beta * (chosen - batch["ref_chosen_logps"])
-        r_r = beta * (rejected - batch["ref_rejected_logps"])
+        if reference is None:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = reference(batch)
+        r_c, r_r = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
         correct += (r_c > r_r).float().tolist()
         margins += (r_c - r_r).tolist()
     model.train(was_training)
@@ -55,22 +69,33 @@ def implicit_reward_accuracy(model, features: list[dict], pad_token_id: int, bet
 
 @torch.no_grad()
 def completion_logps(model, samples: list[dict], pad_token_id: int, batch_size: int = 16) -> list[float]:
-    """Summed log-prob of each sample's ``response_ids`` given its ``prompt_ids``."""
-    was_training = model.training
-    model.eval()
+    """Summed log-prob of each sample's ``response_ids`` given its ``prompt_ids``.
+
+    ``model`` is a causal LM, or a reference of :mod:`dpo_lib.reference` (a callable batch ->
+    log-probs that runs its ``.model``, e.g. :class:`~dpo_lib.reference.AdapterDisabledReference`).
+    """
+    if isinstance(model, torch.nn.Module):
+        net, score = model, (lambda batch: concatenated_forward(model, batch))
+    else:
+        net, score = model.model, model
+    was_training = net.training
+    net.eval()
     out = []
-    device = next(model.parameters()).device
+    device = next(net.parameters()).device
     for i in range(0, len(samples), batch_size):
         chunk = samples[i:i + batch_size]
         batch = collate_sequences([s["prompt_ids"] for s in chunk], [s["response_ids"] for s in chunk], pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out += torch.cat(concatenated_forward(model, batch)).tolist()
-    model.train(was_training)
+        out += torch.cat(score(batch_to(batch, device))).tolist()
+    net.train(was_training)
     return out
 
 
 def sequence_kl(policy, reference, samples: list[dict], pad_token_id: int) -> tuple[float, float]:
-    """KL(π‖π_ref) estimated on ``samples`` drawn from ``policy``: ``(mean, standard error)``."""
+    """KL(π‖π_ref) estimated on ``samples`` drawn from ``policy``: ``(mean, standard error)``.
+
+    ``reference`` is a model, or a reference of :mod:`dpo_lib.reference`: for a LoRA policy,
+    ``AdapterDisabledReference(policy)`` makes its own base (the adapter switched off) π_ref.
+    """
     lp = completion_logps(policy, samples, pad_token_id)
     lr = completion_logps(reference, samples, pad_token_id)
     return mean_and_se([a - b for a, b in zip(lp, lr)])

@@ -8,6 +8,14 @@ completion tokens *of input_ids*, the score of token ``t+1`` is read from
 DPO (Rafailov et al. 2023, Eq. 7) uses the *sum* over completion tokens; ``average=True``
 gives the per-token mean used by length-normalised variants (SimPO, TRL's IPO).
 
+Precision: a sequence log-prob is a sum of ~100 token log-probs of size ~1-10. In bf16 (8 bits
+of mantissa) each term is rounded by up to ~0.03 and the sum by much more, which is the same
+order as the DPO reward margins early in training. So :func:`concatenated_forward` upcasts the
+logits it asks for to fp32 before the log-softmax and the sums, as TRL does: the log-probs are
+fp32 whatever the model's dtype. The half-precision logits are freed as soon as they are cast,
+so one ``[2B, T, V]`` fp32 tensor stays alive (the VRAM planner counts the logits in fp32); on
+an fp32 model the cast is free.
+
 Memory: ``log_softmax(logits)`` would allocate a second ``[B, T, V]`` tensor — for a
 49k-token vocabulary that is the largest tensor of the whole step. We compute
 ``log p(token) = logit[token] - logsumexp(logits)`` one sequence at a time, so the
@@ -149,6 +157,9 @@ def concatenated_forward(model, batch: dict, average: bool = False,
     The LM head runs only from the position before the earliest completion token onward
     (``logits_to_keep``): logits over the shared prompt prefix are never needed, and with
     a 49k vocabulary they are most of the step's memory.
+
+    The log-probs are fp32 even from a bf16/fp16 model: the logits are upcast before they
+    are summed (see the module docstring).
     """
     input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]    # (2B, T)
     T = input_ids.shape[1]
@@ -177,8 +188,7 @@ def concatenated_forward(model, batch: dict, average: bool = False,
         if average:
             logps = logps / scored.sum(-1).clamp(min=1)
         return logps.chunk(2)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                logits_to_keep=T - start)
-    logits = out.logits                                                            # (2B, T - start, V)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   logits_to_keep=T - start).logits.float()                        # (2B, T - start, V) fp32
     logps = sequence_logprobs(logits, input_ids[:, start:], completion_mask[:, start:], average=average)
     return logps.chunk(2)                                                          # (B,), (B,)

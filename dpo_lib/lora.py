@@ -17,11 +17,12 @@ full precision. It needs bitsandbytes and a CUDA GPU (the ``gpu`` extra:
   DPO wants deterministic policy and reference).
 * :func:`load_4bit_model` — the QLoRA base (GPU only; a clear error otherwise).
 * :func:`merge_and_save` — fold ``(alpha / r) · B A`` into ``W`` and save plain safetensors.
-* :func:`upcast_logits` — fp32 logits from a bf16/fp16 model, so summed log-probs stay exact.
-* :class:`DeviceDPOTrainer` — the course's trainer with batches moved to the model's device
-  (collate builds them on the CPU), so the same loop runs on a GPU.
-* :func:`adapter_reward_accuracy`, :func:`adapter_kl` — held-out implicit-reward accuracy
-  and KL to the base, with the adapter-disabled base as the reference (any device).
+
+The rest of the course works on a LoRA model unchanged: :class:`dpo_lib.trainer.DPOTrainer`
+moves its batches to the model's device, :func:`dpo_lib.logprobs.concatenated_forward` sums
+fp32 log-probs from a bf16/fp16 model, and :func:`dpo_lib.evaluation.implicit_reward_accuracy`
+and :func:`dpo_lib.evaluation.sequence_kl` take ``AdapterDisabledReference(peft_model)`` as
+the reference.
 """
 
 from __future__ import annotations
@@ -32,12 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .data import collate
-from .evaluation import completion_logps, mean_and_se
-from .logprobs import concatenated_forward
 from .models import disable_dropout, load_tokenizer, resolve_model
-from .reference import AdapterDisabledReference
-from .trainer import DPOTrainer
 
 ALL_LINEAR = "all-linear"
 
@@ -146,81 +142,5 @@ def merge_and_save(peft_model, out_dir: str | os.PathLike, tokenizer=None) -> Pa
     return out
 
 
-def upcast_logits(model: torch.nn.Module):
-    """Make the LM head return fp32 logits (a forward hook on the output embeddings).
-
-    A sequence log-prob is a sum of ~100 token log-probs of size ~1-10. In bf16 (8 bits of
-    mantissa) each term is rounded by up to ~0.03 and the sum by much more, which is the
-    same order as the DPO reward margins early in training. Upcasting the logits makes the
-    log-softmax and the sums fp32, as TRL does; it costs ``2·B·T·V·4`` bytes (the planner
-    counts the logits in fp32). Returns the hook handle.
-    """
-    head = model.get_output_embeddings()
-    return head.register_forward_hook(lambda module, args, output: output.float())
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def batch_to(batch: dict, device: torch.device | str) -> dict:
-    """Every tensor of a collated batch on ``device``."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-class DeviceDPOTrainer(DPOTrainer):
-    """:class:`dpo_lib.trainer.DPOTrainer` whose batches follow the model onto its device.
-
-    The course's collate builds batches on the CPU, and the CPU trainer uses them as they
-    are. On a GPU every tensor of the batch (token ids, masks, precomputed reference
-    log-probs) must be on the model's device, for the forward pass *and* for the log-prob
-    gathering after it; this subclass moves the batch once, before the loss. On a CPU it
-    computes exactly what :class:`~dpo_lib.trainer.DPOTrainer` computes.
-    """
-
-    def compute_loss(self, batch: dict):
-        return super().compute_loss(batch_to(batch, model_device(self.model)))
-
-
-@torch.no_grad()
-def adapter_reward_accuracy(peft_model, features: list[dict], pad_token_id: int, beta: float,
-                            batch_size: int = 8) -> dict:
-    """Held-out implicit-reward accuracy of a LoRA policy, with its own base as the reference.
-
-    Same numbers as :func:`dpo_lib.evaluation.implicit_reward_accuracy` with reference
-    log-probs of the base, but computed on the fly on the model's device: no precomputed
-    values needed, since switching the adapter off *is* the reference.
-    """
-    reference = AdapterDisabledReference(peft_model)
-    was_training = peft_model.training
-    peft_model.eval()
-    device = model_device(peft_model)
-    correct, margins = [], []
-    for i in range(0, len(features), batch_size):
-        batch = batch_to(collate(features[i:i + batch_size], pad_token_id), device)
-        chosen, rejected = concatenated_forward(peft_model, batch)
-        ref_chosen, ref_rejected = reference(batch)
-        r_c, r_r = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
-        correct += (r_c > r_r).float().tolist()
-        margins += (r_c - r_r).tolist()
-    peft_model.train(was_training)
-    accuracy, accuracy_se = mean_and_se(correct)
-    margin, _ = mean_and_se(margins)
-    return {"accuracy": accuracy, "accuracy_se": accuracy_se, "margin": margin, "pairs": len(features)}
-
-
-def adapter_kl(peft_model, samples: list[dict], pad_token_id: int) -> tuple[float, float]:
-    """KL(π_θ ‖ π_ref) on samples drawn from the LoRA policy, π_ref = the base (adapter off).
-
-    Monte-Carlo estimate ``mean(log π_θ(y|x) − log π_ref(y|x))`` in nats per sequence, and its
-    standard error (see :func:`dpo_lib.evaluation.sequence_kl`).
-    """
-    policy = completion_logps(peft_model, samples, pad_token_id)
-    with peft_model.disable_adapter():
-        reference = completion_logps(peft_model, samples, pad_token_id)
-    return mean_and_se([p - r for p, r in zip(policy, reference)])
-
-
-__all__ = ["QLoRAUnavailable", "adapter_kl", "adapter_reward_accuracy", "check_qlora_available",
-           "DeviceDPOTrainer", "batch_to", "is_4bit", "load_4bit_model", "make_lora_model", "merge_and_save",
-           "pick_dtype", "trainable_parameters", "upcast_logits"]
+__all__ = ["QLoRAUnavailable", "check_qlora_available", "is_4bit", "load_4bit_model", "make_lora_model",
+           "merge_and_save", "pick_dtype", "trainable_parameters"]

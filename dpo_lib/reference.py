@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import collate
+from .data import collate, pair_length
 from .logprobs import concatenated_forward
 
 
@@ -89,10 +89,14 @@ def precompute_reference_logps(reference, features: list[dict], pad_token_id: in
             values = json.loads(cache_file.read_text())
             if len(values) == len(features):
                 return [dict(f, ref_chosen_logps=c, ref_rejected_logps=r) for f, (c, r) in zip(features, values)]
-    values = []
-    for i in tqdm(range(0, len(features), batch_size), desc=desc, leave=False):
-        chosen, rejected = reference(collate(features[i:i + batch_size], pad_token_id))
-        values += list(zip(chosen.tolist(), rejected.tolist()))
+    # batches of similar length (sorted, then put back in order): less padding, same numbers
+    order = sorted(range(len(features)), key=lambda i: (pair_length(features[i]), i))
+    values: list = [None] * len(features)
+    for k in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        chunk = order[k:k + batch_size]
+        chosen, rejected = reference(collate([features[i] for i in chunk], pad_token_id))
+        for i, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
+            values[i] = (c, r)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")

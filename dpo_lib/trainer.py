@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from .data import collate
+from .data import batch_to, collate, pair_length
 from .logprobs import concatenated_forward
 from .losses import chosen_nll, dpo_loss
 from .reference import FrozenReference
@@ -167,16 +167,12 @@ class DPOTrainer:
         bs = self.config.batch_size
         return order[k * bs:(k + 1) * bs].tolist()
 
-    def pair_length(self, i: int) -> int:
-        f = self.features[i]
-        return len(f["prompt_ids"]) + max(len(f["chosen_ids"]), len(f["rejected_ids"]))
-
     def local_indices(self, step: int) -> list[int]:
         """This process's pairs of step ``step``: all of them on one process; with ``sort_by_length``,
         in increasing length (processes take every ``world``-th, which balances their lengths)."""
         idx = self.batch_indices(step)
         if self.config.sort_by_length:
-            idx = sorted(idx, key=lambda i: (self.pair_length(i), i))
+            idx = sorted(idx, key=lambda i: (pair_length(self.features[i]), i))
             return idx[self.rank::self.world]
         per = len(idx) // self.world
         return idx[self.rank * per:(self.rank + 1) * per]
@@ -222,7 +218,7 @@ class DPOTrainer:
         tokens = 0
         for a in range(c.grad_accum):
             batch = collate([self.features[i] for i in idx[a * micro:(a + 1) * micro]], self.pad_token_id)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = batch_to(batch, self.device)
             tokens += int(batch["attention_mask"].sum())
             last = a == c.grad_accum - 1  # DDP: all-reduce the gradients once, after the last micro-batch
             with (acc.no_sync(self.model) if acc is not None and self.world > 1 and not last else nullcontext()):

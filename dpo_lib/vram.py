@@ -7,6 +7,9 @@ the precision, the micro-batch, the gradient accumulation and whether to use gra
 checkpointing, each with a one-line reason, and the memory estimate behind the choice
 (``plan(...).explain()`` prints it all).
 
+The model and GPU specs come from :mod:`dpo_lib.specs` (re-exported here), and
+:func:`measure_saved_activations` from :mod:`dpo_lib.memory`.
+
 Notation
 --------
 ``P`` parameters, ``L`` decoder layers, ``h`` hidden size, ``q`` = heads × head_dim (the
@@ -70,10 +73,10 @@ activations
 logits
     two ``[2B, T, V]`` fp32 tensors are alive at the peak: the policy's logits and then
     either their gradient (backward) or the reference's logits (its forward):
-    ``2·N·V·4``. We count fp32 because TRL and most loss code upcast the logits; dpo_lib
-    keeps the model dtype and only computes logits from the first response token on
-    (``logits_to_keep``), so for dpo_lib this is an upper bound. For a 150k vocabulary
-    this is often the largest term of all.
+    ``2·N·V·4``. We count fp32 because TRL, most loss code and dpo_lib upcast the logits
+    (a sum of bf16 token log-probs is too coarse for DPO, see :mod:`dpo_lib.logprobs`); dpo_lib
+    only computes logits from the first response token on (``logits_to_keep``), so for
+    dpo_lib this is an upper bound. For a 150k vocabulary this is often the largest term of all.
 
 ``allocated`` is the sum of these terms: what ``torch.cuda.max_memory_allocated()`` should
 report. On a GPU the plan adds 10 % of it for the caching allocator's fragmentation and
@@ -101,7 +104,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-GiB = 2 ** 30
+from .memory import measure_saved_activations
+from .specs import (ALL_LINEAR, GPU, GPUS, LINEAR_MODULES, MODELS, GiB, ModelSpec, cpu_device, detect_device,
+                    gpu_spec, lora_trainable_params, model_spec, pick_precision)
+
 CUDA_CONTEXT_BYTES = GiB // 2     # CUDA context + kernels loaded by torch; not in max_memory_allocated
 ALLOCATOR_SLACK = 0.10            # fragmentation, cuBLAS workspaces, caching-allocator rounding
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -110,211 +116,6 @@ ADAM_BYTES = 8                    # fp32 first and second moments
 MASTER_BYTES = 4                  # fp32 master copy of half-precision trainable weights
 ADAPTER_BYTES = 4                 # peft keeps LoRA weights in fp32 (autocast_adapter_dtype=True)
 MODES = ("full", "lora", "qlora")
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ALL_LINEAR = "all-linear"
-
-
-# ----------------------------------------------------------------------------- model
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The shape of a Llama-style decoder (Llama, Mistral, Qwen2, SmolLM2): all the planner needs."""
-
-    name: str
-    vocab: int
-    hidden: int
-    layers: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int | None = None   # None: hidden // heads
-    tied: bool = True             # LM head shares the embedding matrix
-    qkv_bias: bool = False        # Qwen2 has biases on q, k, v
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * (self.head_dim or self.hidden // self.heads)
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
-
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """``(d_in, d_out)`` of each linear layer of one decoder block."""
-        h, q, kv, i = self.hidden, self.q_dim, self.kv_dim, self.intermediate
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-    @property
-    def linear_params(self) -> int:
-        """``P_lin``: weights (and biases) of the decoder's linear layers, all layers."""
-        per_layer = sum(a * b for a, b in self.linear_shapes().values())
-        if self.qkv_bias:
-            per_layer += self.q_dim + 2 * self.kv_dim
-        return self.layers * per_layer
-
-    @property
-    def params(self) -> int:
-        """``P``: embedding + LM head (if untied) + linear layers + RMSNorm weights."""
-        embed = self.vocab * self.hidden
-        head = 0 if self.tied else self.vocab * self.hidden
-        norms = (2 * self.layers + 1) * self.hidden
-        return embed + head + self.linear_params + norms
-
-    @classmethod
-    def from_config(cls, config: Any, name: str | None = None) -> "ModelSpec":
-        """From a ``transformers`` config (``AutoConfig.from_pretrained(...)`` or ``model.config``)."""
-        get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (
-            lambda k, d=None: getattr(config, k, d))
-        model_type = get("model_type", "")
-        return cls(name=name or get("_name_or_path") or model_type or "model", vocab=get("vocab_size"),
-                   hidden=get("hidden_size"), layers=get("num_hidden_layers"),
-                   intermediate=get("intermediate_size"), heads=get("num_attention_heads"),
-                   kv_heads=get("num_key_value_heads") or get("num_attention_heads"),
-                   head_dim=get("head_dim"), tied=bool(get("tie_word_embeddings", True)),
-                   qkv_bias=bool(get("attention_bias", model_type == "qwen2")))
-
-    @classmethod
-    def from_size(cls, params: float, layers: int, hidden: int, vocab: int, tied: bool = True,
-                  name: str = "custom") -> "ModelSpec":
-        """A coarse spec from the four numbers of a model card. Assumes full multi-head
-        attention (K/V as wide as Q) and solves ``4h² + 3h·I`` per layer for ``I``."""
-        embed = vocab * hidden * (1 if tied else 2)
-        per_layer = (params - embed - (2 * layers + 1) * hidden) / layers
-        intermediate = round((per_layer - 4 * hidden * hidden) / (3 * hidden))
-        if intermediate <= 0:
-            raise ValueError(f"{params:.3g} parameters are too few for {layers} layers of width {hidden} "
-                             f"and a {vocab}-token vocabulary")
-        heads = max(1, hidden // 64)
-        return cls(name=name, vocab=vocab, hidden=hidden, layers=layers, intermediate=intermediate,
-                   heads=heads, kv_heads=heads, head_dim=hidden // heads, tied=tied)
-
-
-# Configs copied from the models' config.json on the hub, so the planner works offline.
-MODELS: dict[str, ModelSpec] = {s.name: s for s in [
-    ModelSpec("SmolLM2-135M-Instruct", vocab=49152, hidden=576, layers=30, intermediate=1536, heads=9,
-              kv_heads=3, head_dim=64),
-    ModelSpec("SmolLM2-360M-Instruct", vocab=49152, hidden=960, layers=32, intermediate=2560, heads=15,
-              kv_heads=5, head_dim=64),
-    ModelSpec("Qwen2.5-0.5B-Instruct", vocab=151936, hidden=896, layers=24, intermediate=4864, heads=14,
-              kv_heads=2, head_dim=64, qkv_bias=True),
-    ModelSpec("Qwen2.5-1.5B-Instruct", vocab=151936, hidden=1536, layers=28, intermediate=8960, heads=12,
-              kv_heads=2, head_dim=128, qkv_bias=True),
-    ModelSpec("SmolLM2-1.7B-Instruct", vocab=49152, hidden=2048, layers=24, intermediate=8192, heads=32,
-              kv_heads=32, head_dim=64),
-    ModelSpec("Llama-3.1-8B-Instruct", vocab=128256, hidden=4096, layers=32, intermediate=14336, heads=32,
-              kv_heads=8, head_dim=128, tied=False),
-]}
-
-
-def model_spec(model: Any) -> ModelSpec:
-    """A :class:`ModelSpec` from a spec, a preset name (hub ids work: ``HuggingFaceTB/SmolLM2-360M-Instruct``),
-    a ``transformers`` config or model, or a dict ``{"params", "layers", "hidden", "vocab"}``."""
-    if isinstance(model, ModelSpec):
-        return model
-    if isinstance(model, str):
-        key = model.rsplit("/", 1)[-1]
-        if key in MODELS:
-            return MODELS[key]
-        raise KeyError(f"unknown model {model!r}; presets: {', '.join(MODELS)} "
-                       "(or pass a transformers config, or ModelSpec.from_size(...))")
-    if isinstance(model, dict) and "params" in model:
-        return ModelSpec.from_size(**model)
-    config = getattr(model, "config", model)
-    return ModelSpec.from_config(config)
-
-
-def lora_trainable_params(model: Any, r: int, target_modules: str | Iterable[str] = ALL_LINEAR) -> int:
-    """LoRA parameters: ``r·(d_in + d_out)`` for every adapted matrix, summed over the layers.
-
-    ``target_modules`` is ``"all-linear"`` (peft's name for every linear layer of the
-    decoder, LM head excluded) or names from :data:`LINEAR_MODULES`.
-    """
-    spec = model_spec(model)
-    targets = LINEAR_MODULES if target_modules == ALL_LINEAR else tuple(target_modules)
-    shapes = spec.linear_shapes()
-    unknown = [t for t in targets if t not in shapes]
-    if unknown:
-        raise ValueError(f"unknown target modules {unknown}; known: {', '.join(LINEAR_MODULES)} or 'all-linear'")
-    return spec.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
-
-
-# ----------------------------------------------------------------------------- GPU
-
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    memory_gib: float       # total memory as nvidia-smi / torch.cuda report it
-    bf16: bool              # bf16 tensor cores (compute capability >= 8.0)
-    cuda: bool = True       # False: a CPU (memory = RAM), no CUDA context
-
-    @property
-    def memory_bytes(self) -> int:
-        return int(self.memory_gib * GiB)
-
-
-GPUS: dict[str, GPU] = {g.name.split()[0]: g for g in [
-    GPU("T4 16GB", 15.0, bf16=False),          # Turing, compute capability 7.5 (Colab's free GPU)
-    GPU("L4 24GB", 22.5, bf16=True),           # Ada
-    GPU("A100-40GB", 40.0, bf16=True),         # Ampere
-    GPU("A100-80GB", 80.0, bf16=True),
-    GPU("H100-80GB", 79.6, bf16=True),         # Hopper
-]}
-
-
-def gpu_spec(gpu: Any) -> GPU:
-    """A :class:`GPU` from a GPU, a name in :data:`GPUS` (``"T4"``, ``"A100-80GB"``...), ``"cpu"``,
-    or a dict ``{"name", "memory_gib", "bf16"}``."""
-    if isinstance(gpu, GPU):
-        return gpu
-    if isinstance(gpu, dict):
-        return GPU(name=gpu.get("name", "GPU"), memory_gib=float(gpu["memory_gib"]), bf16=bool(gpu.get("bf16", False)),
-                   cuda=bool(gpu.get("cuda", True)))
-    if isinstance(gpu, str):
-        if gpu.lower() == "cpu":
-            return cpu_device()
-        for key, g in GPUS.items():
-            if gpu.lower() in (key.lower(), g.name.lower()):
-                return g
-        matches = [g for key, g in GPUS.items() if key.lower().startswith(gpu.lower())]
-        if len(matches) == 1:  # "H100" -> "H100-80GB"
-            return matches[0]
-        raise KeyError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}, 'cpu', or a dict "
-                       "{'name', 'memory_gib', 'bf16'}")
-    raise TypeError(f"cannot read a GPU from {type(gpu).__name__}")
-
-
-def cpu_device() -> GPU:
-    """The CPU as a 'device': its RAM, no bf16 training (fp32), no CUDA context."""
-    import os
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        ram = 16 * GiB
-    return GPU("CPU", round(ram / GiB, 1), bf16=False, cuda=False)
-
-
-def detect_device() -> GPU:
-    """The GPU torch sees (name, memory, bf16 support), or the CPU."""
-    import torch
-    if not torch.cuda.is_available():
-        return cpu_device()
-    props = torch.cuda.get_device_properties(0)
-    return GPU(props.name, round(props.total_memory / GiB, 1), bf16=torch.cuda.is_bf16_supported())
-
-
-def pick_precision(gpu: Any) -> tuple[str, str]:
-    """``(precision, why)``: bf16 where supported, else fp16 on a GPU, fp32 on a CPU."""
-    g = gpu_spec(gpu)
-    if not g.cuda:
-        return "fp32", "CPU: fp32 (half-precision matmuls are slow or unsupported on most CPUs)"
-    if g.bf16:
-        return "bf16", (f"{g.name} supports bf16: same exponent range as fp32, so no loss scaling; "
-                        "half the bytes of fp32")
-    return "fp16", (f"{g.name} has no bf16 support: fp16 (5-bit exponent, overflows above 65504), so trainable "
-                    "weights stay in fp32 (LoRA adapters, master weights) and full fine-tuning needs a loss scaler")
 
 
 # ----------------------------------------------------------------------------- estimate
@@ -573,41 +374,6 @@ def plan_table(model: Any, gpus: Iterable[Any] = ("T4", "L4", "A100-40GB", "H100
                          f"{f'{p.micro_batch} x {p.grad_accum}':>13} {'on' if p.gradient_checkpointing else 'off':>5} "
                          f"{p.memory.total / GiB:>10.2f}  {'yes' if p.fits else 'NO'}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- measurement
-
-
-def measure_saved_activations(model, input_ids, attention_mask=None) -> int:
-    """Bytes of the tensors autograd saves for the backward pass of one forward (logits excluded).
-
-    Counts each storage once and skips the model's own parameters. Works on a CPU, so the
-    activation formula can be checked without a GPU. The forward runs with
-    ``logits_to_keep=1`` so that the LM head's output does not count.
-    """
-    import torch
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        try:
-            storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # pragma: no cover - exotic tensors
-            return t
-        ptr = storage.data_ptr()
-        if ptr not in params:
-            seen.setdefault(ptr, storage.nbytes())
-        return t
-
-    was_training = model.training
-    model.train()
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
-    finally:
-        model.train(was_training)
-    return sum(seen.values())
 
 
 __all__ = ["ALL_LINEAR", "GPU", "GPUS", "LINEAR_MODULES", "MODELS", "Memory", "ModelSpec", "Plan",

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from dpo_lib import grading
+from dpo_lib.grader import _close
 from dpo_lib.grading import GRADERS
+from dpo_lib.logprobs import concatenated_forward
 
 MISTAKES = [(name, i) for name, grader in GRADERS.items() for i in range(len(grader.mistakes))]
 
@@ -99,7 +101,7 @@ def test_mistakes_really_differ_from_reference():
         cases = [grader.make_case(g, k) for k in range(grader.n_cases)]
         for m in grader.mistakes:
             outs = [(grader._outputs(m.fn, a), grader._outputs(grader.reference, a)) for a in cases]
-            assert not all(grading._close(x, y, grader.rtol, grader.atol)
+            assert not all(_close(x, y, grader.rtol, grader.atol)
                            for o, ref in outs for x, y in zip(o, ref)), (name, m.hint)
 
 
@@ -121,7 +123,7 @@ def test_split_accepts_batch_encodings_and_tensors(capsys):
 
 def test_reference_detached_after_the_fact_is_flagged():
     def detached(ref_model, batch):  # right values, but autograd ran during the forward
-        chosen, rejected = grading.concatenated_forward(ref_model, batch)
+        chosen, rejected = concatenated_forward(ref_model, batch)
         return chosen.detach(), rejected.detach()
 
     with pytest.raises(AssertionError, match="torch.no_grad"):

@@ -95,3 +95,18 @@ def test_logits_to_keep_equals_full_forward():
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     full = sequence_logprobs(logits, batch["input_ids"], batch["completion_mask"])
     assert torch.allclose(fast, full, atol=1e-4)
+
+
+def test_concatenated_forward_sums_fp32_logps_from_a_bf16_model():
+    model, tok = tiny()
+    f, _ = tokenize_rows(tok, toy_rows(8))
+    batch = collate(f, tok.pad_token_id)
+    with torch.no_grad():
+        exact = concatenated_forward(model, batch)[0]
+        half = model.to(torch.bfloat16)
+        logits = half(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        rounded = sequence_logprobs(logits, batch["input_ids"], batch["completion_mask"]).chunk(2)[0]  # bf16 sums
+        upcast = concatenated_forward(half, batch)[0]
+    assert rounded.dtype == torch.bfloat16 and upcast.dtype == torch.float32
+    # only the bf16 weights and activations remain as error, not the rounding of the sums
+    assert (upcast - exact).abs().max() <= (rounded.float() - exact).abs().max()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dpo_lib import lora
-from dpo_lib.data import collate, tokenize_rows
+from dpo_lib import trainer as trainer_module
+from dpo_lib.data import batch_to, collate, tokenize_rows
 from dpo_lib.evaluation import implicit_reward_accuracy, sequence_kl
 from dpo_lib.logprobs import concatenated_forward
 from dpo_lib.reference import AdapterDisabledReference, precompute_reference_logps
@@ -118,39 +119,41 @@ def test_merge_refuses_a_4bit_base():
         lora.merge_and_save(Fake4bit(), "unused")
 
 
-def test_adapter_metrics_equal_the_library_ones():
+def test_adapter_disabled_reference_in_the_evaluation_equals_the_base():
     model, tok = tiny()
     features = _features(tok, 8)
     base = copy.deepcopy(model).eval()
     peft_model = lora.make_lora_model(model, r=4, alpha=8)
     _randomise_adapters(peft_model)
-    with_ref = precompute_reference_logps(AdapterDisabledReference(peft_model), features, tok.pad_token_id)
+    reference = AdapterDisabledReference(peft_model)
+    with_ref = precompute_reference_logps(reference, features, tok.pad_token_id)
     expected = implicit_reward_accuracy(peft_model, with_ref, tok.pad_token_id, beta=0.1)
-    got = lora.adapter_reward_accuracy(peft_model, features, tok.pad_token_id, beta=0.1)
+    got = implicit_reward_accuracy(peft_model, features, tok.pad_token_id, beta=0.1, reference=reference)
     assert got["accuracy"] == expected["accuracy"]
     assert got["margin"] == pytest.approx(expected["margin"], abs=1e-6)
     samples = generate(peft_model, tok, ["q1 great?", "q2 awful?"], n=2, max_new_tokens=6, progress=False)
-    kl, kl_se = lora.adapter_kl(peft_model, samples, tok.pad_token_id)
+    kl, kl_se = sequence_kl(peft_model, reference, samples, tok.pad_token_id)
     ref_kl, ref_se = sequence_kl(peft_model, base, samples, tok.pad_token_id)
     assert kl == pytest.approx(ref_kl, abs=1e-4) and kl_se == pytest.approx(ref_se, abs=1e-4)
 
 
-def test_device_trainer_moves_batches_and_matches_the_cpu_trainer(monkeypatch):
-    histories, seen = [], []
-    for cls in (DPOTrainer, lora.DeviceDPOTrainer):
-        model, tok = tiny()
-        peft_model = lora.make_lora_model(model, r=4, alpha=8)
-        config = TrainConfig(batch_size=4, max_steps=2, learning_rate=1e-2, warmup_ratio=0.0, print_every=0)
-        trainer = cls(peft_model, _features(tok, 8), config, pad_token_id=tok.pad_token_id,
-                      reference=AdapterDisabledReference(peft_model))
-        histories.append([m["loss"] for m in trainer.train(progress=False)])
-    assert histories[0] == histories[1]
+def test_trainer_moves_batches_to_the_model_device(monkeypatch):
+    model, tok = tiny()
+    peft_model = lora.make_lora_model(model, r=4, alpha=8)
+    config = TrainConfig(batch_size=4, max_steps=2, learning_rate=1e-2, warmup_ratio=0.0, print_every=0)
+    trainer = DPOTrainer(peft_model, _features(tok, 8), config, pad_token_id=tok.pad_token_id,
+                         reference=AdapterDisabledReference(peft_model))
     # the batch is moved with batch_to to the model's device before the loss
     calls = []
-    real = lora.batch_to
-    monkeypatch.setattr(lora, "batch_to", lambda batch, device: calls.append(str(device)) or real(batch, device))
+    monkeypatch.setattr(trainer_module, "batch_to",
+                        lambda batch, device: calls.append(str(device)) or batch_to(batch, device))
+    seen = []
+    compute_loss = trainer.compute_loss
+    monkeypatch.setattr(trainer, "compute_loss",
+                        lambda batch: seen.append({v.device for v in batch.values()}) or compute_loss(batch))
     trainer.train_step()
     assert calls == ["cpu"]
+    assert seen == [{trainer.device}]   # every tensor of the micro-batch, on the model's device
 
 
 def test_4bit_without_cuda_says_so(monkeypatch):
@@ -182,18 +185,3 @@ def test_gradient_checkpointing_gives_the_same_update():
     assert weights[0].keys() == weights[1].keys()
     for n in weights[0]:
         torch.testing.assert_close(weights[0][n], weights[1][n], rtol=1e-5, atol=1e-6)
-
-
-def test_upcast_logits_gives_fp32_logps_from_a_bf16_model():
-    model, tok = tiny()
-    batch = collate(_features(tok), tok.pad_token_id)
-    with torch.no_grad():
-        exact = concatenated_forward(model, batch)[0]
-        half = model.to(torch.bfloat16)
-        rounded = concatenated_forward(half, batch)[0]
-        handle = lora.upcast_logits(half)
-        upcast = concatenated_forward(half, batch)[0]
-        handle.remove()
-    assert rounded.dtype == torch.bfloat16 and upcast.dtype == torch.float32
-    # only the bf16 weights and activations remain as error, not the rounding of the sums
-    assert (upcast - exact).abs().max() <= (rounded.float() - exact).abs().max()

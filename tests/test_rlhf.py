@@ -1,4 +1,5 @@
-"""Tests of dpo_lib.rlhf: every expected number below is worked out by hand in the comments."""
+"""Tests of dpo_lib.rlhf, .ppo, .small_rlhf and .memory: every expected number below is worked out by hand
+in the comments."""
 
 import copy
 import math
@@ -10,12 +11,17 @@ from dpo_lib.logprobs import sequence_logprobs
 from dpo_lib.models import tiny_model, tiny_tokenizer
 from torch import nn
 
+from dpo_lib.memory import PeakMemory, megabytes
+from dpo_lib.ppo import (
+    AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, PPOTrainer, closed_turns, compute_gae,
+    kl_shaped_rewards, ppo_policy_loss, ppo_value_loss, response_forward, rollout, sequence_kl,
+)
 from dpo_lib.rlhf import (
-    AdaptiveKLController, FixedKLController, FrozenTrunk, PeakMemory, PolicyWithValue, PPOConfig, PPOTrainer, RewardModel,
-    best_of_n, best_of_n_kl, closed_turns, compute_gae, end_of_turn_ids, entropy_from_logits, expected_best_of_n,
-    kl_shaped_rewards, left_pad, mask_after_eos, megabytes, pair_logps_and_hidden, ppo_policy_loss, ppo_value_loss,
-    response_forward, reward_model_loss, rollout, sample_and_score, sequence_kl, train_only_top_blocks,
-    train_reward_head,
+    RewardModel, end_of_turn_ids, entropy_from_logits, left_pad, mask_after_eos, reward_model_loss,
+)
+from dpo_lib.small_rlhf import (
+    FrozenTrunk, best_of_n, best_of_n_kl, expected_best_of_n, pair_logps_and_hidden, sample_and_score,
+    train_only_top_blocks, train_reward_head,
 )
 
 T = torch.tensor

@@ -75,6 +75,25 @@ def test_precomputed_reference_equals_live_reference():
     assert [h["loss"] for h in h1] == pytest.approx([h["loss"] for h in h2], abs=1e-6)
 
 
+def test_precompute_batches_by_length_but_keeps_file_order():
+    model, tok = tiny()
+    f, _ = tokenize_rows(tok, toy_rows(10))
+    lengths = [len(x["prompt_ids"]) + max(len(x["chosen_ids"]), len(x["rejected_ids"])) for x in f]
+    assert lengths != sorted(lengths)                          # the sort has something to reorder
+    seen = []
+
+    def ref(batch):                                            # records each batch's padded width
+        seen.append(batch["input_ids"].shape[1])
+        return FrozenReference(model)(batch)
+    batched = precompute_reference_logps(ref, f, tok.pad_token_id, batch_size=3)
+    one_by_one = precompute_reference_logps(FrozenReference(model), f, tok.pad_token_id, batch_size=1)
+    assert seen == sorted(seen)                                # batches go shortest first
+    for a, b, x in zip(batched, one_by_one, f):
+        assert a["chosen_ids"] == x["chosen_ids"]              # same order as the input
+        assert a["ref_chosen_logps"] == pytest.approx(b["ref_chosen_logps"], abs=1e-5)
+        assert a["ref_rejected_logps"] == pytest.approx(b["ref_rejected_logps"], abs=1e-5)
+
+
 def test_reference_cache_is_reused(tmp_path):
     model, tok = tiny()
     f, _ = tokenize_rows(tok, toy_rows(4))

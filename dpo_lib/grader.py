@@ -1,0 +1,172 @@
+"""The grading machinery behind :mod:`dpo_lib.grading`: a :class:`Grader` compares a learner's
+function with a reference on seeded random cases and names the likely mistake when they differ,
+by finding the known-wrong variant (:class:`Mistake`) the learner's outputs agree with.
+
+:class:`HarnessGrader` calls every function through a small harness (a tokenizer, a tiny model,
+an optimizer built from the case), for the graders of lessons 02 and 03 (:mod:`dpo_lib.grading_lm`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+BETAS = (0.1, 0.5, 0.05, 0.3, 2.0, 0.2)  # never 1: a missing β must change the result
+
+
+@dataclass
+class Mistake:
+    """A known-wrong variant of the reference (same signature) and the hint that names it."""
+
+    hint: str
+    fn: Callable
+
+
+@dataclass
+class Grader:
+    """Compare a learner's function with ``reference`` on ``n_cases`` random cases.
+
+    ``make_case(generator, k)`` returns the positional arguments of case ``k``.
+    ``outputs`` names the returned values (one name: a single output; several: a tuple).
+    ``checks`` are structural tests run once the values match: ``check(args, outputs)``
+    returns a hint string when something is wrong (e.g. rewards not detached), else None.
+    """
+
+    name: str
+    reference: Callable
+    make_case: Callable[[torch.Generator, int], tuple]
+    arg_names: Sequence[str]
+    outputs: Sequence[str] = ("output",)
+    mistakes: Sequence[Mistake] = ()
+    checks: Sequence[Callable[[tuple, tuple], str | None]] = ()
+    n_cases: int = 6
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    seed: int = 0
+    cases: list = field(default_factory=list, init=False, repr=False)
+
+    def __call__(self, fn: Callable) -> None:
+        g = torch.Generator().manual_seed(self.seed)
+        self.cases = [self.make_case(g, k) for k in range(self.n_cases)]
+        got = [self._outputs(fn, args) for args in self.cases]  # learner errors propagate (TODO cells)
+        want = [self._outputs(self.reference, args) for args in self.cases]
+        bad = {c: [k for k in range(self.n_cases) if not _close(got[k][c], want[k][c], self.rtol, self.atol)]
+               for c in range(len(self.outputs))}
+        bad = {c: ks for c, ks in bad.items() if ks}
+        if bad:
+            raise AssertionError(self._explain(got, want, bad))
+        for args, out in zip(self.cases, got):
+            for check in self.checks:
+                hint = check(args, out)
+                if hint:
+                    raise AssertionError(f"✗ {self.name}: the values are right, but {hint}")
+        print(f"✓ {self.name}: {self.n_cases}/{self.n_cases} cases match")
+
+    def _outputs(self, fn: Callable, args: tuple) -> tuple:
+        out = fn(*_clone(args))
+        if len(self.outputs) == 1:
+            out = (out,)
+        elif not isinstance(out, (tuple, list)) or len(out) != len(self.outputs):
+            raise AssertionError(f"✗ {self.name}: return a tuple ({', '.join(self.outputs)}), got {_describe(out)}")
+        if any(o is None for o in out):
+            raise AssertionError(f"✗ {self.name}: your function returned None — did you forget `return`?")
+        return tuple(out)
+
+    def _explain(self, got: list, want: list, bad: dict) -> str:
+        worst = max(len(ks) for ks in bad.values())
+        lines = [f"✗ {self.name}: {worst}/{self.n_cases} cases differ from the reference."]
+        variants = [[self._outputs(m.fn, args) for args in self.cases] for m in self.mistakes]
+        explained: dict[str, list[str]] = {}  # hint -> the outputs it explains
+        unexplained = []
+        for c, ks in bad.items():
+            hints = [m.hint for m, var in zip(self.mistakes, variants)
+                     if all(_close(got[k][c], var[k][c], self.rtol, self.atol) for k in range(self.n_cases))]
+            for h in hints:
+                explained.setdefault(h, []).append(self.outputs[c])
+            if not hints:
+                unexplained.append(c)
+        for h, names in explained.items():
+            label = f" ({', '.join(names)})" if len(self.outputs) > 1 else ""
+            lines.append(f"  Likely mistake{label}: {h}")
+        for c in unexplained:
+            k = bad[c][0]
+            inputs = ", ".join(f"{n}={_short(a)}" for n, a in zip(self.arg_names, self.cases[k]))
+            lines += [f"  {self.outputs[c]} differs on case {k}: {inputs}",
+                      f"    expected {_short(want[k][c])}", f"    got      {_short(got[k][c])}"]
+        return "\n".join(lines)
+
+
+def _clone(args: tuple) -> tuple:
+    return tuple(a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+                 for a in args)
+
+
+def _as_tensor(x: Any) -> torch.Tensor | None:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(torch.float64)
+    if isinstance(x, (int, float, bool)):
+        return torch.tensor(float(x), dtype=torch.float64)
+    return None
+
+
+def _close(a: Any, b: Any, rtol: float, atol: float) -> bool:
+    ta, tb = _as_tensor(a), _as_tensor(b)
+    if ta is None or tb is None:
+        return False
+    if tb.dim() == 0 and ta.numel() == 1:  # a scalar may come back as a float or a 1-element tensor
+        ta = ta.reshape(())
+    return ta.shape == tb.shape and torch.allclose(ta, tb, rtol=rtol, atol=atol)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {list(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
+def _short(x: Any) -> str:
+    if not isinstance(x, torch.Tensor):
+        return repr(x)
+    t = x.detach()
+    if t.numel() > 24:
+        return f"a tensor of shape {list(t.shape)}"
+    values = t.tolist() if not t.is_floating_point() else (t.to(torch.float64) * 1e4).round().div(1e4).tolist()
+    return f"{values} (shape {list(t.shape)})"
+
+
+def _gather(scores, labels):
+    """``scores[..., labels]``: the score of each label, for building references and variants."""
+    return torch.gather(scores, -1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass
+class HarnessGrader(Grader):
+    """A :class:`Grader` whose functions are called through ``run(fn, *case_args) -> outputs``.
+
+    The reference and the mistakes keep the learner's signature; ``run`` adapts all of them
+    the same way (and may add outputs of its own, e.g. whether gradients were tracked).
+    """
+
+    run: Callable | None = None
+
+    def _outputs(self, fn: Callable, args: tuple) -> tuple:
+        run = self.run
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny models: extra threads only wait for each other (10x slower on busy CPUs)
+        try:
+            return super()._outputs(lambda *a: run(fn, *a), args)
+        finally:
+            torch.set_num_threads(threads)
+
+
+class _Case:
+    """The arguments of one harness case, shown by a short label in failure messages."""
+
+    def __init__(self, label: str, **parts):
+        self.label = label
+        self.__dict__.update(parts)
+
+    def __repr__(self) -> str:
+        return self.label
