@@ -34,8 +34,7 @@ from pathlib import Path
 import torch
 
 from .models import disable_dropout, load_tokenizer, resolve_model
-
-ALL_LINEAR = "all-linear"
+from .specs import ALL_LINEAR  # one definition, shared with the VRAM planner
 
 
 class QLoRAUnavailable(RuntimeError):
