@@ -319,6 +319,17 @@ def pair_length(feature: dict) -> int:
     return len(feature["prompt_ids"]) + max(len(feature["chosen_ids"]), len(feature["rejected_ids"]))
 
 
+def length_sorted_batches(features: list[dict], batch_size: int) -> list[list[int]]:
+    """Indices of ``features`` in batches of similar length (less padding).
+
+    Sorted by ``(pair_length, index)``, so the same features always give the same batches:
+    the reference log-probs and the evaluation of the untrained policy then see identical
+    padding, and their implicit rewards are exactly 0, not ~1e-6 apart.
+    """
+    order = sorted(range(len(features)), key=lambda i: (pair_length(features[i]), i))
+    return [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+
+
 def collate(features: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """One concatenated batch: rows ``0..B-1`` are prompt+chosen, rows ``B..2B-1`` prompt+rejected.
 

@@ -2,7 +2,8 @@
 
 * :func:`implicit_reward_accuracy` — on held-out pairs, how often the implicit reward
   :math:`\\hat r = \\beta\\log\\pi_\\theta/\\pi_\\text{ref}` (DPO Eq. 5) ranks chosen above rejected.
-  At initialisation every reward is exactly 0, so the (strict) accuracy is 0, as in TRL.
+  At initialisation every reward is exactly 0, so the (strict) accuracy is 0, as in TRL
+  (evaluated in the same length-sorted batches as the reference log-probs, so the padding agrees).
   The reference log-probs are precomputed in the features, or computed on the fly by a
   reference of :mod:`dpo_lib.reference` (for LoRA: the same model with its adapter off).
 * :func:`mean_and_se` / :func:`win_rate` — the ground-truth reward of sampled completions,
@@ -20,7 +21,7 @@ import math
 
 import torch
 
-from .data import batch_to, collate, collate_sequences
+from .data import batch_to, collate, collate_sequences, length_sorted_batches
 from .logprobs import concatenated_forward
 
 
@@ -49,18 +50,19 @@ def implicit_reward_accuracy(model, features: list[dict], pad_token_id: int, bet
     """
     was_training = model.training
     model.eval()
-    correct, margins = [], []
+    correct, margins = [0.0] * len(features), [0.0] * len(features)
     device = next(model.parameters()).device
-    for i in range(0, len(features), batch_size):
-        batch = batch_to(collate(features[i:i + batch_size], pad_token_id), device)
+    # the same batches as precompute_reference_logps: same padding, so π_θ = π_ref gives exactly 0
+    for chunk in length_sorted_batches(features, batch_size):
+        batch = batch_to(collate([features[i] for i in chunk], pad_token_id), device)
         chosen, rejected = concatenated_forward(model, batch)
         if reference is None:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
             ref_chosen, ref_rejected = reference(batch)
         r_c, r_r = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
-        correct += (r_c > r_r).float().tolist()
-        margins += (r_c - r_r).tolist()
+        for i, ok, m in zip(chunk, (r_c > r_r).float().tolist(), (r_c - r_r).tolist()):
+            correct[i], margins[i] = ok, m
     model.train(was_training)
     acc, acc_se = mean_and_se(correct)
     margin, _ = mean_and_se(margins)

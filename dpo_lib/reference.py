@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import collate, pair_length
+from .data import collate, length_sorted_batches
 from .logprobs import concatenated_forward
 
 
@@ -90,10 +90,8 @@ def precompute_reference_logps(reference, features: list[dict], pad_token_id: in
             if len(values) == len(features):
                 return [dict(f, ref_chosen_logps=c, ref_rejected_logps=r) for f, (c, r) in zip(features, values)]
     # batches of similar length (sorted, then put back in order): less padding, same numbers
-    order = sorted(range(len(features)), key=lambda i: (pair_length(features[i]), i))
     values: list = [None] * len(features)
-    for k in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-        chunk = order[k:k + batch_size]
+    for chunk in tqdm(length_sorted_batches(features, batch_size), desc=desc, leave=False):
         chosen, rejected = reference(collate([features[i] for i in chunk], pad_token_id))
         for i, c, r in zip(chunk, chosen.tolist(), rejected.tolist()):
             values[i] = (c, r)

@@ -94,6 +94,23 @@ def test_precompute_batches_by_length_but_keeps_file_order():
         assert a["ref_rejected_logps"] == pytest.approx(b["ref_rejected_logps"], abs=1e-5)
 
 
+def test_evaluation_uses_the_reference_batches_so_the_untrained_policy_scores_exactly_zero():
+    from dpo_lib.evaluation import implicit_reward_accuracy
+    model, tok = tiny()
+    f, _ = tokenize_rows(tok, toy_rows(13))
+    shapes = {"ref": [], "eval": []}
+    seen = shapes["ref"]
+    hook = model.register_forward_hook(lambda m, args, kw, out: seen.append(tuple(kw["input_ids"].shape)),
+                                       with_kwargs=True)
+    reference = FrozenReference(model)          # deep copy: carries the hook too
+    with_ref = precompute_reference_logps(reference, f, tok.pad_token_id, batch_size=4)
+    seen = shapes["eval"]
+    got = implicit_reward_accuracy(model, with_ref, tok.pad_token_id, beta=0.1, batch_size=4)
+    hook.remove()
+    assert len(shapes["ref"]) == 4 and shapes["ref"] == shapes["eval"]   # same batches, same padding
+    assert got["accuracy"] == 0.0 and got["margin"] == 0.0                # every implicit reward is exactly 0
+
+
 def test_reference_cache_is_reused(tmp_path):
     model, tok = tiny()
     f, _ = tokenize_rows(tok, toy_rows(4))
