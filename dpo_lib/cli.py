@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sort each step's pairs by length into micro-batches: less padding, same loss")
     t.add_argument("--compact-lm-head", action=argparse.BooleanOptionalAction, default=True,
                    help="LM head only on the positions that score a completion token: same numbers, fewer FLOPs")
+    t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="bf16: forwards under bf16 autocast (weights and optimizer stay float32); "
+                        "auto (default): bf16 where the CPU has bf16 matmul units (AMX/AVX512-BF16), else fp32")
     t.add_argument("--warmup-ratio", type=float, default=0.1)
     t.add_argument("--max-length", type=int, default=160, help="tokens per prompt+response")
     t.add_argument("--max-prompt-length", type=int, default=64, help="prompt tokens kept (from the end)")
@@ -113,7 +116,7 @@ def cmd_train(a) -> int:
                          grad_accum=a.grad_accum, max_steps=a.max_steps, epochs=a.epochs,
                          warmup_ratio=a.warmup_ratio, seed=a.seed, print_every=a.print_every,
                          save_every=a.save_every, sort_by_length=a.sort_by_length,
-                         compact_lm_head=a.compact_lm_head)
+                         compact_lm_head=a.compact_lm_head, precision=a.precision)
     summary = run(out, model_name=a.model, dataset=a.dataset, eval_dataset=None if a.no_eval else a.eval_dataset,
                   config=config, reward=None if a.reward == "none" else a.reward, max_length=a.max_length,
                   max_prompt_length=a.max_prompt_length, eval_samples=a.eval_samples, max_new_tokens=a.max_new_tokens,

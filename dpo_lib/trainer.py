@@ -15,6 +15,8 @@ Speed (off by default; same maths, fewer FLOPs — see ``python -m dpo_lib bench
 ``sort_by_length`` orders each step's pairs by length before cutting them into the
 ``grad_accum`` micro-batches, so each micro-batch is padded only to its own longest pair;
 ``compact_lm_head`` runs the LM head only on the positions that score a completion token.
+``precision="bf16"`` runs the forward under bf16 autocast (:func:`dpo_lib.models.autocast`);
+then compute the reference log-probs under the same autocast, or step-0 rewards are not 0.
 
 Several processes (``accelerate launch``, see ``configs/``): pass an ``accelerate.Accelerator``.
 The model and optimizer are prepared by it (DDP or FSDP), every process takes its share of
@@ -42,6 +44,7 @@ from tqdm.auto import tqdm
 from .data import batch_to, collate, pair_length
 from .logprobs import concatenated_forward
 from .losses import chosen_nll, dpo_loss
+from .models import autocast
 from .reference import FrozenReference
 
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -70,6 +73,7 @@ class TrainConfig:
     shuffle: bool = True           # False: pairs in file order (benchmarks and parity runs)
     sort_by_length: bool = False   # sort each step's pairs by length into micro-batches: less padding, same loss
     compact_lm_head: bool = False  # LM head only where a completion token is scored (same numbers, fewer FLOPs)
+    precision: str = "fp32"        # bf16: forward under bf16 autocast (float32 weights and optimizer); auto: bf16 where fast
 
 
 class NonFiniteError(RuntimeError):
@@ -142,9 +146,11 @@ class DPOTrainer:
         for n, p in model.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 else decay).append(p)
+        # fused: one kernel for the whole update (on 2 CPU cores 0.08 s instead of 0.65 s for 135M parameters)
+        fused = self.device.type in ("cpu", "cuda") and all(p.device.type == self.device.type for p in decay + no_decay)
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.learning_rate)
+            lr=config.learning_rate, fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, config.schedule))
         if accelerator is not None:  # the scheduler stays ours: one step per global batch, whatever the process count
@@ -182,7 +188,8 @@ class DPOTrainer:
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Loss of one collated micro-batch and its metrics (TRL names)."""
         c = self.config
-        chosen, rejected = concatenated_forward(self.model, batch, compact_head=c.compact_lm_head)  # (B,), (B,)
+        with autocast(c.precision, self.device):
+            chosen, rejected = concatenated_forward(self.model, batch, compact_head=c.compact_lm_head)  # (B,), (B,)
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:

@@ -58,10 +58,11 @@ def train_args(d, model, train, test, out, *extra):
             "--eval-samples", 1, *extra)
 
 
-def test_train_writes_every_artifact(tiny_setup):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_writes_every_artifact(tiny_setup, precision):
     d, model, train, test = tiny_setup
-    out = d / "run"
-    res = cli(*train_args(d, model, train, test, out))
+    out = d / f"run-{precision}"
+    res = cli(*train_args(d, model, train, test, out, "--precision", precision))
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"output folder: {out}" in res.stdout and "| accuracy" in res.stdout
     for name in ("metrics.jsonl", "summary.json", "run_card.json", "loss.png", "rewards.png", "logps.png",
@@ -76,6 +77,7 @@ def test_train_writes_every_artifact(tiny_setup):
     assert len(lines) == 6 and abs(lines[0]["loss"] - 0.693147) < 1e-5
     card = json.loads((out / "run_card.json").read_text())
     assert card["seed"] == 0 and len(card["data_sha256_16"]) == 16 and "torch" in card["versions"]
+    assert card["config"]["precision"] == precision
 
 
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_setup):

@@ -41,6 +41,28 @@ def test_first_step_loss_is_ln2_and_training_learns_the_preference():
         assert key in history[-1]
 
 
+def test_bf16_autocast_needs_bf16_reference_logps_and_keeps_float32_weights():
+    from dpo_lib.models import autocast, resolve_precision
+    model, tok = tiny()
+    f, _ = tokenize_rows(tok, toy_rows(16))
+    fp32_refs = precompute_reference_logps(FrozenReference(model), f, tok.pad_token_id)
+    with autocast("bf16"):
+        bf16_refs = precompute_reference_logps(FrozenReference(model), f, tok.pad_token_id)
+    gap = max(abs(a["ref_chosen_logps"] - b["ref_chosen_logps"]) for a, b in zip(fp32_refs, bf16_refs))
+    assert 1e-4 < gap < 0.02 * max(abs(a["ref_chosen_logps"]) for a in fp32_refs)  # bf16 rounding: small, not 0
+    trainer = DPOTrainer(model, bf16_refs, config(max_steps=24, precision="bf16"), tok.pad_token_id)
+    history = trainer.train(progress=False)
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # same autocast: rewards exactly 0
+    assert abs(history[0]["rewards/chosen"]) < 1e-6                    # (other batches than the reference's: ~1e-7)
+    assert history[-1]["loss"] < 0.3 and history[-1]["rewards/accuracies"] == 1.0
+    assert all(p.dtype == torch.float32 for p in model.parameters())    # master weights stay float32
+    assert all(s.dtype == torch.float32 for st in trainer.optimizer.state.values() for s in st.values()
+               if torch.is_tensor(s) and s.ndim)
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("auto") in ("fp32", "bf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16")
+
+
 def test_gradient_accumulation_equals_full_batch():
     results = []
     for accum in (1, 2, 4):
