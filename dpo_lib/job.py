@@ -67,9 +67,6 @@ def run(out: Path, model_name=None, dataset: Path = DEFAULT_TRAIN, eval_dataset:
     print(f"[dpo_lib] precision: {config.precision}" + (" (bf16 autocast: this CPU has bf16 matmul units; "
           "weights and optimizer stay float32; --precision fp32 to turn it off)" if config.precision == "bf16" else ""))
 
-    def amp():
-        return autocast(config.precision, "cpu")
-
     train_rows, train_report = D.load_preferences(dataset, skip_invalid=skip_invalid)
     print(f"[dpo_lib] {train_report.summary()}")
     eval_rows = []
@@ -88,7 +85,7 @@ def run(out: Path, model_name=None, dataset: Path = DEFAULT_TRAIN, eval_dataset:
     reference = FrozenReference(model)
     key = model_fingerprint(model)
     cache, ref_key = out / "cache", f"{key}-{config.precision}"
-    with amp():
+    with autocast(config.precision):
         train_f = precompute_reference_logps(reference, train_f, pad, cache_dir=cache, model_key=ref_key)
         eval_f = precompute_reference_logps(reference, eval_f, pad, cache_dir=cache, model_key=ref_key) if eval_f else []
     timings = {"load_and_reference_logps": time.perf_counter() - t_start}
@@ -102,19 +99,18 @@ def run(out: Path, model_name=None, dataset: Path = DEFAULT_TRAIN, eval_dataset:
                      "train_pairs": len(train_f), "heldout_pairs": len(eval_f), "config": asdict(config)}
 
     t0 = time.perf_counter()
-    if eval_f:
-        with amp():
-            before = implicit_reward_accuracy(model, eval_f, pad, config.beta)
-        summary["heldout_accuracy_before"] = before["accuracy"]
     ref_samples = []
-    if reward_fn and eval_prompts:
-        with amp():
+    with autocast(config.precision):
+        if eval_f:
+            before = implicit_reward_accuracy(model, eval_f, pad, config.beta)
+            summary["heldout_accuracy_before"] = before["accuracy"]
+        if reward_fn and eval_prompts:
             ref_samples = generate(model, tokenizer, eval_prompts, n=eval_samples, max_new_tokens=max_new_tokens,
                                    seed=config.seed + 1)
-        ref_rewards = reward_fn([s["text"] for s in ref_samples])
-        summary["reward_before"], summary["reward_before_se"] = mean_and_se(ref_rewards)
-
+            ref_rewards = reward_fn([s["text"] for s in ref_samples])
+            summary["reward_before"], summary["reward_before_se"] = mean_and_se(ref_rewards)
     timings["evaluate_before"] = time.perf_counter() - t0
+
     trainer = DPOTrainer(model, train_f, config, pad_token_id=pad, out_dir=out)
     print(f"[dpo_lib] training {trainer.total_steps} steps of {config.batch_size} pairs "
           f"(beta={config.beta}, lr={config.learning_rate}, loss={config.loss_type})")
@@ -133,23 +129,22 @@ def run(out: Path, model_name=None, dataset: Path = DEFAULT_TRAIN, eval_dataset:
     summary.update({"steps": len(history), "train_seconds": train_seconds,
                     "tokens_per_second": tokens / step_time if step_time else float("nan")})
     t0 = time.perf_counter()
-    if eval_f:
-        with amp():
+    with autocast(config.precision):
+        if eval_f:
             after = implicit_reward_accuracy(model, eval_f, pad, config.beta)
-        summary.update({"heldout_accuracy_after": after["accuracy"], "heldout_accuracy_after_se": after["accuracy_se"],
-                        "heldout_margin_after": after["margin"]})
-    if reward_fn and eval_prompts:
-        with amp():
+            summary.update({"heldout_accuracy_after": after["accuracy"],
+                            "heldout_accuracy_after_se": after["accuracy_se"], "heldout_margin_after": after["margin"]})
+        if reward_fn and eval_prompts:
             pol_samples = generate(model, tokenizer, eval_prompts, n=eval_samples, max_new_tokens=max_new_tokens,
                                    seed=config.seed + 1)
+            summary["kl_to_reference"], summary["kl_to_reference_se"] = sequence_kl(model, reference.model,
+                                                                                    pol_samples, pad)
+    if reward_fn and eval_prompts:
         pol_rewards = reward_fn([s["text"] for s in pol_samples])
         summary["reward_after"], summary["reward_after_se"] = mean_and_se(pol_rewards)
         diffs = [a - b for a, b in zip(pol_rewards, ref_rewards)]
         summary["reward_gain"], summary["reward_gain_se"] = mean_and_se(diffs)
         summary["win_rate"], summary["win_rate_se"] = win_rate(pol_rewards, ref_rewards)
-        with amp():
-            summary["kl_to_reference"], summary["kl_to_reference_se"] = sequence_kl(model, reference.model,
-                                                                                    pol_samples, pad)
         table = side_by_side([prompt_text(eval_prompts[s["prompt_index"]]) for s in ref_samples],
                              [s["text"] for s in ref_samples], [s["text"] for s in pol_samples],
                              ref_rewards, pol_rewards, k=8)
