@@ -17,6 +17,9 @@ Speed (off by default; same maths, fewer FLOPs — see ``python -m dpo_lib bench
 ``compact_lm_head`` runs the LM head only on the positions that score a completion token.
 ``precision="bf16"`` runs the forward under bf16 autocast (:func:`dpo_lib.models.autocast`);
 then compute the reference log-probs under the same autocast, or step-0 rewards are not 0.
+Resuming from a checkpoint gives bitwise the weights of an uninterrupted run in float32; in
+bf16 only up to rounding (CPU bf16 matmuls are not always bitwise the same from one process
+to the next).
 
 Several processes (``accelerate launch``, see ``configs/``): pass an ``accelerate.Accelerator``.
 The model and optimizer are prepared by it (DDP or FSDP), every process takes its share of
@@ -33,7 +36,7 @@ import random
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +47,7 @@ from tqdm.auto import tqdm
 from .data import batch_to, collate, pair_length
 from .logprobs import concatenated_forward
 from .losses import chosen_nll, dpo_loss
-from .models import autocast
+from .models import autocast, resolve_precision
 from .reference import FrozenReference
 
 METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -135,6 +138,8 @@ class DPOTrainer:
         if accelerator is not None:
             self.model = model = accelerator.prepare_model(model)  # DDP/FSDP wrapper; prepared before the optimizer
         self.device = accelerator.device if accelerator is not None else next(model.parameters()).device
+        # "auto" becomes fp32 or bf16 once here, not at every forward
+        self.config = config = replace(config, precision=resolve_precision(config.precision, self.device))
         if isinstance(reference, FrozenReference):
             reference.model.to(self.device)
         self.steps_per_epoch = len(features) // config.batch_size
