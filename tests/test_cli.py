@@ -82,7 +82,7 @@ def test_train_writes_every_artifact(tiny_setup, precision):
 
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_setup):
     # float32: its CPU kernels give the same bits in every process. Under bf16 autocast the first
-    # matmuls of a process occasionally round differently (1 process in 24 here, see README,
+    # matmuls of a process occasionally round differently (3 runs in 83 here, see README,
     # "Precision"), and bitwise equality of two processes would then test the CPU, not the resume.
     d, model, train, test = tiny_setup
     straight, broken = d / "straight", d / "broken"
