@@ -4,11 +4,12 @@ What is compared. The same model (default: the embedded SmolLM2-135M-Instruct) i
 from the same weights on the same preference pairs (default: the bundled sentiment pairs,
 ``data/sentiment/train.jsonl``, or ``data/assistant/train.jsonl`` when that file is missing),
 with the same optimizer steps: ``--steps`` steps of ``--batch-size`` pairs, pairs taken in
-file order by both (TRL: ``train_sampling_strategy="sequential"``), AdamW at a constant
-learning rate, gradient clipping at 1, β = 0.1, sigmoid loss. Only pairs whose full
-tokenization fits ``--max-length`` are used, so neither trainer truncates and both score
-exactly the same tokens (checked: ``same_tokens`` in the output compares a hash of the
-token ids each trainer built).
+file order by both (TRL: ``train_sampling_strategy="sequential"``), PyTorch's fused AdamW
+(dpo_lib's optimizer, and TRL's default with torch >= 2.8) at a constant learning rate,
+gradient clipping at 1, β = 0.1, sigmoid loss. Only pairs whose full tokenization fits
+``--max-length`` are used, so neither trainer truncates and both score exactly the same
+tokens (checked: ``same_tokens`` in the output compares a hash of the token ids each
+trainer built).
 
 * TRL: ``trl.DPOTrainer`` with its defaults for everything else — a live reference model
   (a second copy of the weights) run under ``no_grad`` in every step, one forward of the

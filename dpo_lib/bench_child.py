@@ -138,7 +138,7 @@ def run_trl(spec: dict, model, tokenizer, ref_model) -> dict:
         output_dir=tmp, per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
         max_steps=spec["steps"], learning_rate=spec["learning_rate"], lr_scheduler_type="constant", warmup_steps=0,
         beta=spec["beta"], loss_type=["sigmoid"], max_length=spec["max_length"], logging_steps=1, report_to="none",
-        save_strategy="no", seed=spec["seed"], max_grad_norm=1.0, weight_decay=0.0, optim="adamw_torch",
+        save_strategy="no", seed=spec["seed"], max_grad_norm=1.0, weight_decay=0.0, optim="adamw_torch_fused",
         disable_tqdm=True, use_cpu=spec["device"] == "cpu", bf16=spec["dtype"] == "bf16",
         train_sampling_strategy="sequential", dataloader_num_workers=0)
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in spec["rows"]]
