@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .data import DataError
-from .models import ModelNotFoundError
+from .models import PRECISIONS, ModelNotFoundError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sort each step's pairs by length into micro-batches: less padding, same loss")
     t.add_argument("--compact-lm-head", action=argparse.BooleanOptionalAction, default=True,
                    help="LM head only on the positions that score a completion token: same numbers, fewer FLOPs")
-    t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    t.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="bf16: forwards under bf16 autocast (weights and optimizer stay float32); "
                         "auto (default): bf16 where the CPU has bf16 matmul units (AMX/AVX512-BF16), else fp32")
     t.add_argument("--warmup-ratio", type=float, default=0.1)
