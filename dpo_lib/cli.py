@@ -1,77 +1,49 @@
 """``python -m dpo_lib COMMAND``: train, pairs, validate, exercises, bench.
 
-Errors a user can fix (bad data, a missing model, a diverging run) print a message and
-exit non-zero: 2 for bad input, 3 for a run stopped by a non-finite loss.
+The ``train`` flags are built from :class:`dpo_lib.config.TrainConfig` and
+:class:`dpo_lib.config.JobConfig`, whose checks run before anything heavy is imported: a bad
+flag ends in ``error: --FLAG: what is wrong`` and exit status 2 within a second. Errors a
+user can fix (bad data, a missing model, a busy output folder) print one line and exit 2;
+a run stopped by a non-finite loss exits 3; Ctrl-C during training exits 130 after saying
+how to resume.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from .data import DataError
-from .models import PRECISIONS, ModelNotFoundError
+from dpo_lib.config import ConfigError, JobConfig, TrainConfig, add_arguments, at_least, from_args, positive
+
+MODEL_FLAGS = ("model", "trust_remote_code", "threads")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="a folder with config.json + *.safetensors, or a hub id (online); "
-                        "default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    """The model flags of ``pairs`` and ``validate``, with the same help as ``train``'s."""
+    add_arguments(p, JobConfig, skip=tuple(f for f in JobConfig.__dataclass_fields__ if f not in MODEL_FLAGS))
+    p.set_defaults(**{f: getattr(JobConfig, f) for f in MODEL_FLAGS})
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .job import DEFAULT_TEST, DEFAULT_TRAIN
-
-    parser = argparse.ArgumentParser(prog="python -m dpo_lib", description="Direct Preference Optimization, small and tested.")
+    parser = argparse.ArgumentParser(prog="python -m dpo_lib",
+                                     description="Direct Preference Optimization, small and tested.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,pairs,validate,exercises,bench}")
 
-    t = sub.add_parser("train", help="DPO-train a model on preference pairs (default: the embedded model on the bundled sentiment pairs)")
-    _add_model_args(t)
-    t.add_argument("--dataset", type=Path, default=DEFAULT_TRAIN, help="training pairs, JSONL (default: %(default)s)")
-    t.add_argument("--eval-dataset", type=Path, default=DEFAULT_TEST, help="held-out pairs, JSONL (default: %(default)s)")
+    t = sub.add_parser("train", help="DPO-train a model on preference pairs (default: the embedded model on the "
+                                     "bundled sentiment pairs)")
+    add_arguments(t, JobConfig)
     t.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
-    t.add_argument("--reward", default="sentiment", help="ground-truth reward for sampled completions ('none' to skip)")
-    t.add_argument("--out", type=Path, default=None, help="output folder (default: runs/dpo-TIMESTAMP)")
-    t.add_argument("--learning-rate", type=float, default=1e-5)
-    t.add_argument("--beta", type=float, default=0.1)
-    t.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "ipo", "hinge", "robust"])
-    t.add_argument("--label-smoothing", type=float, default=0.0)
-    t.add_argument("--nll-weight", type=float, default=0.0)
-    t.add_argument("--batch-size", type=int, default=8, help="pairs per optimizer step")
-    t.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step")
-    t.add_argument("--max-steps", type=int, default=0, help="0: --epochs passes over the data")
-    t.add_argument("--epochs", type=int, default=2,
-                   help="passes over the data (default 2: one pass stops at ~0.73 held-out accuracy)")
-    t.add_argument("--sort-by-length", action=argparse.BooleanOptionalAction, default=True,
-                   help="sort each step's pairs by length into micro-batches: less padding, same loss")
-    t.add_argument("--compact-lm-head", action=argparse.BooleanOptionalAction, default=True,
-                   help="LM head only on the positions that score a completion token: same numbers, fewer FLOPs")
-    t.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="bf16: forwards under bf16 autocast (weights and optimizer stay float32); "
-                        "auto (default): bf16 where the CPU has bf16 matmul units (AMX/AVX512-BF16), else fp32")
-    t.add_argument("--warmup-ratio", type=float, default=0.1)
-    t.add_argument("--max-length", type=int, default=160, help="tokens per prompt+response")
-    t.add_argument("--max-prompt-length", type=int, default=64, help="prompt tokens kept (from the end)")
-    t.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: none)")
-    t.add_argument("--print-every", type=int, default=8)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    t.add_argument("--skip-invalid", action="store_true", help="drop bad rows instead of stopping")
-    t.add_argument("--eval-samples", type=int, default=2, help="samples per held-out prompt for the true reward")
-    t.add_argument("--max-eval-prompts", type=int, default=64)
-    t.add_argument("--max-new-tokens", type=int, default=40, help="length of evaluation samples")
-    t.add_argument("--_kill-after-save", type=int, default=None, help=argparse.SUPPRESS)
+    add_arguments(t, TrainConfig)
 
     p = sub.add_parser("pairs", help="sample N responses per prompt, score them, keep best vs worst")
     _add_model_args(p)
     p.add_argument("--prompts", type=Path, required=True, help="JSONL with a 'prompt' per line")
     p.add_argument("--out", type=Path, required=True, help="output JSONL of pairs")
-    p.add_argument("-n", "--num-samples", type=int, default=4)
+    p.add_argument("-n", "--num-samples", type=int, default=4, help="samples per prompt (>= 2)")
     p.add_argument("--reward", default="sentiment")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -85,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-length", type=int, default=None, help="also flag prompts too long for this many tokens")
     v.add_argument("--model", default=None, help="tokenizer for --max-length (default: the embedded model)")
 
-    from .bench import add_arguments as add_bench_arguments
+    from dpo_lib.tools.bench import add_arguments as add_bench_arguments
     b = sub.add_parser("bench", help="time dpo_lib's trainer against TRL's DPOTrainer on the same work (--vs trl)")
     add_bench_arguments(b)
 
@@ -94,49 +66,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _threads(n: int | None) -> None:
-    import os
+# ---------------------------------------------------------------- flag checks of the other commands
 
+def _check(flag: str, value, check) -> None:
+    problem = check(value) if value is not None else None
+    if problem:
+        raise ConfigError(flag.lstrip("-").replace("-", "_"), problem)
+
+
+def _check_input(flag: str, path: Path) -> None:
+    from dpo_lib.config import readable_file
+    _check(flag, path, readable_file)
+
+
+def check_pairs(a) -> None:
+    _check_input("--prompts", a.prompts)
+    if a.out.is_dir():
+        raise ConfigError("out", f"is a folder, expected a file to write: {a.out}")
+    _check("--num-samples", a.num_samples, at_least(2))
+    for flag in ("max_new_tokens", "batch_size"):
+        _check(flag, getattr(a, flag), at_least(1))
+    _check("--temperature", a.temperature, positive)
+    _check("--min-gap", a.min_gap, at_least(0.0))
+    _check("--seed", a.seed, at_least(0))
+    if a.threads is not None:
+        _check("--threads", a.threads, at_least(1))
+
+
+def check_validate(a) -> None:
+    _check("--max-length", a.max_length, at_least(2))
+
+
+# ---------------------------------------------------------------- commands
+
+def _threads(n: int | None) -> None:
     import torch
     torch.set_num_threads(n or os.cpu_count() or 1)
 
 
-def cmd_train(a) -> int:
-    from .job import run
-    from .trainer import TrainConfig
+def train_configs(a) -> tuple[JobConfig, TrainConfig]:
+    """The two configs from the parsed ``train`` flags (raises :class:`ConfigError`)."""
+    overrides = {"eval_dataset": None} if a.no_eval else {}
+    if getattr(a, "reward", None) == "none":
+        overrides["reward"] = None
+    job = from_args(JobConfig, a, **overrides)
+    config = from_args(TrainConfig, a)
+    if job.out is None:
+        job = from_args(JobConfig, a, **overrides, out=Path("runs") / time.strftime("dpo-%Y%m%d-%H%M%S"))
+    return job, config
 
-    if a.resume and a.out is None:
-        print("error: --resume needs the --out folder of the run to continue", file=sys.stderr)
-        return 2
-    out = a.out or Path("runs") / time.strftime("dpo-%Y%m%d-%H%M%S")
-    print(f"[dpo_lib] output folder: {out}")
-    _threads(a.threads)
-    config = TrainConfig(beta=a.beta, loss_type=a.loss_type, label_smoothing=a.label_smoothing,
-                         nll_weight=a.nll_weight, learning_rate=a.learning_rate, batch_size=a.batch_size,
-                         grad_accum=a.grad_accum, max_steps=a.max_steps, epochs=a.epochs,
-                         warmup_ratio=a.warmup_ratio, seed=a.seed, print_every=a.print_every,
-                         save_every=a.save_every, sort_by_length=a.sort_by_length,
-                         compact_lm_head=a.compact_lm_head, precision=a.precision)
-    summary = run(out, model_name=a.model, dataset=a.dataset, eval_dataset=None if a.no_eval else a.eval_dataset,
-                  config=config, reward=None if a.reward == "none" else a.reward, max_length=a.max_length,
-                  max_prompt_length=a.max_prompt_length, eval_samples=a.eval_samples, max_new_tokens=a.max_new_tokens,
-                  max_eval_prompts=a.max_eval_prompts, skip_invalid=a.skip_invalid, resume=a.resume,
-                  trust_remote_code=a.trust_remote_code, kill_after_save=a._kill_after_save)
+
+def cmd_train(a) -> int:
+    job, config = train_configs(a)  # every check, before torch and the model are loaded
+    from dpo_lib.job import run
+
+    print(f"[dpo_lib] output folder: {job.out}")
+    _threads(job.threads)
+    summary = run(job.out, job, config)
     keys = ["heldout_accuracy_before", "heldout_accuracy_after", "reward_before", "reward_after", "reward_gain",
             "reward_gain_se", "win_rate", "kl_to_reference", "train_seconds", "tokens_per_second", "total_seconds"]
-    print("\nSummary (" + str(out / "summary.json") + ")")
+    print("\nSummary (" + str(job.out / "summary.json") + ")")
     for k in keys:
         if k in summary:
             print(f"  {k:<24} {summary[k]:.4f}")
-    print(f"  files: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    print(f"  files: {', '.join(sorted(p.name for p in job.out.iterdir() if not p.name.startswith('.')))}")
     return 0
 
 
 def cmd_pairs(a) -> int:
-    from .data import load_prompts
-    from .models import load_model
-    from .rewards import get_reward
-    from .sampling import make_pairs
+    from dpo_lib.data import load_prompts
+    from dpo_lib.models import load_model
+    from dpo_lib.rewards import get_reward
+    from dpo_lib.sampling import make_pairs
 
     _threads(a.threads)
     prompts = load_prompts(a.prompts)
@@ -154,11 +155,11 @@ def cmd_pairs(a) -> int:
 
 
 def cmd_validate(a) -> int:
-    from .data import load_preferences, tokenize_rows
+    from dpo_lib.data import DataError, load_preferences, tokenize_rows
 
     tokenizer = None
     if a.max_length:
-        from .models import load_tokenizer
+        from dpo_lib.models import load_tokenizer
         tokenizer = load_tokenizer(a.model)
     status = 0
     for path in a.files:
@@ -181,35 +182,57 @@ def cmd_validate(a) -> int:
     return status
 
 
+def _bench(a) -> int:
+    from dpo_lib.tools.bench import main as bench_main
+    return bench_main(a)
+
+
+COMMANDS = {"train": (None, cmd_train), "pairs": (check_pairs, cmd_pairs), "validate": (check_validate, cmd_validate),
+            "bench": (None, _bench)}
+
+
+def _interrupted(e) -> int:
+    from dpo_lib.trainer import TrainingInterrupted
+    if isinstance(e, TrainingInterrupted) and e.checkpoint is not None:
+        print(f"\ninterrupted after step {e.step}; checkpoint {e.checkpoint}. Resume with the same command "
+              "and --resume.", file=sys.stderr)
+    elif isinstance(e, TrainingInterrupted):
+        print(f"\ninterrupted after step {e.step}; no checkpoint (train with --save-every N to be able to "
+              "resume)", file=sys.stderr)
+    else:
+        print("\ninterrupted", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["exercises"]:  # its own options (--check, --solutions, --exercises) pass straight through
-        from .exercises import main as exercises_main
+        from dpo_lib.course.exercises import main as exercises_main
         return exercises_main(argv[1:])
     args = build_parser().parse_args(argv)
+    check, command = COMMANDS[args.command]
     try:
-        if args.command == "train":
-            return cmd_train(args)
-        if args.command == "pairs":
-            return cmd_pairs(args)
-        if args.command == "validate":
-            return cmd_validate(args)
-        if args.command == "bench":
-            from .bench import main as bench_main
-            return bench_main(args)
-    except DataError as e:
+        if check:
+            check(args)
+        return command(args)
+    except ConfigError as e:
+        print(f"error: {e.flag}: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
+    except Exception as e:  # errors with a one-line message for the user; anything else is a bug: traceback
+        return _user_error(e)
+
+
+def _user_error(e: Exception) -> int:
+    from dpo_lib.data import DataError
+    from dpo_lib.job import ResumeMismatch, RunFolderBusy
+    from dpo_lib.models import ModelNotFoundError
+    from dpo_lib.trainer import NonFiniteError
+    if isinstance(e, NonFiniteError):
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if isinstance(e, (DataError, ModelNotFoundError, RunFolderBusy, ResumeMismatch)):
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except ModelNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a diverging run: say what happened, keep the checkpoint
-        from .trainer import NonFiniteError
-        if isinstance(e, NonFiniteError):
-            print(f"error: {e}", file=sys.stderr)
-            return 3
-        raise
-    return 1
+    raise e

@@ -96,6 +96,118 @@ def row_problems(row: Any) -> list[str]:
     return problems
 
 
+# ----------------------------------------------------------------------------- reading files
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32 (little-endian)"), (b"\x00\x00\xfe\xff", "UTF-32 (big-endian)"),
+              (b"\xff\xfe", "UTF-16 (little-endian)"), (b"\xfe\xff", "UTF-16 (big-endian)"))
+
+
+def _wide_encoding(raw: bytes) -> str | None:
+    """``"UTF-16 ..."`` / ``"UTF-32 ..."`` when the file is saved in one (with or without a BOM)."""
+    for bom, name in _WIDE_BOMS:
+        if raw.startswith(bom):
+            return f"{name}, byte-order mark {bom.hex(' ').upper()}"
+    head = raw[:4]
+    if len(head) >= 2 and b"\x00" in head:  # ASCII text in UTF-16/32 has a NUL next to every character
+        return "UTF-16 or UTF-32 (NUL bytes between the characters)"
+    return None
+
+
+def _array_items(text: str) -> Iterable[tuple[int, Any]]:
+    """``(offset, item)`` of each element of the JSON array ``text`` (already known to parse)."""
+    decoder, n = json.JSONDecoder(), len(text)
+    pos = text.index("[") + 1
+    while True:
+        while pos < n and text[pos] in " \t\n\r,":
+            pos += 1
+        if pos >= n or text[pos] == "]":
+            return
+        item, end = decoder.raw_decode(text, pos)
+        yield pos, item
+        pos = end
+
+
+def read_records(path: str | Path) -> Iterable[tuple[str, Any, str | None]]:
+    """Every record of a JSONL file, as people save them, in file order: ``(where, value, problem)``.
+
+    ``where`` is ``"FILE:LINE"``; ``problem`` (``None`` for a readable record) says why the
+    line could not be read, e.g. ``"not UTF-8 (byte 0xe9 at column 17) ..."``. A UTF-8
+    byte-order mark, CRLF (or CR) line ends and blank lines are accepted. A file holding one
+    JSON array of rows (``.json`` as many tools write it) is read too: ``where`` is then
+    ``"FILE:LINE: item N"``, LINE being where item N (from 1) starts. Problems of the whole file
+    (unreadable, UTF-16, a JSON object that is not a row per line) raise :class:`DataError`.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError([f"{path}: cannot read ({e.strerror or e})"]) from None
+    wide = _wide_encoding(raw)
+    if wide:
+        raise DataError([f"{path}:1: not UTF-8: the file is saved as {wide}; save it again as UTF-8"])
+    raw = raw.removeprefix(_UTF8_BOM).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    texts: list[str | None] = []
+    bad: list[tuple[int, str]] = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            texts.append(line.decode("utf-8").removeprefix("\ufeff"))  # a BOM left by concatenating files
+        except UnicodeDecodeError as e:
+            texts.append(None)
+            bad.append((lineno, f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                                "save the file as UTF-8"))
+    first = next(("" if t is None else t.strip() for t in texts if t is None or t.strip()), "")
+    if first and (first.startswith("[") or (first.startswith("{") and not _parses(first))):
+        document = _read_document(path, texts, bad)
+        if document is not None:
+            yield from document
+            return
+    bad_lines = dict(bad)
+    for lineno, text in enumerate(texts, start=1):
+        where = f"{path}:{lineno}"
+        if text is None:
+            yield where, None, bad_lines[lineno]
+        elif text.strip():
+            try:
+                yield where, json.loads(text), None
+            except json.JSONDecodeError as e:
+                yield where, None, f"invalid JSON ({e.msg} at column {e.colno})"
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def _read_document(path: Path, texts: list[str | None], bad: list[tuple[int, str]]
+                   ) -> list[tuple[str, Any, str | None]] | None:
+    """The records of a file that is one JSON document (an array of rows), or ``None`` when it
+    is not one (then it is read as JSONL)."""
+    if bad:  # the array cannot be parsed: say where its bytes are wrong
+        return [(f"{path}:{lineno}", None, problem) for lineno, problem in bad]
+    text = "\n".join(t for t in texts if t is not None)
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" or not text.lstrip().startswith("["):
+            return None  # JSONL whose first line is an array, or a bad first line: read line by line
+        return [(f"{path}:{e.lineno}", None, f"invalid JSON in the array of rows ({e.msg} at column {e.colno})")]
+    if isinstance(doc, list):
+        if not doc:
+            raise DataError([f"{path}: empty JSON array, no rows"])
+        return [(f"{path}:{text.count(chr(10), 0, pos) + 1}: item {n}", item, None)
+                for n, (pos, item) in enumerate(_array_items(text), start=1)]
+    if isinstance(doc, dict):
+        lists = [k for k, v in doc.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+        where = f" (its {lists[0]!r} holds a list: put that list at the top level)" if lists else ""
+        raise DataError([f"{path}:1: one JSON object over several lines{where}; expected one row object "
+                         "per line (JSONL) or a JSON array of rows"])
+    return None
+
+
 @dataclass
 class LoadReport:
     path: str
@@ -108,33 +220,16 @@ class LoadReport:
 
 
 def load_preferences(path: str | Path, skip_invalid: bool = False) -> tuple[list[dict], LoadReport]:
-    """Read a JSONL preference file, validating every line.
+    """Read a JSONL preference file (or a JSON array of rows, see :func:`read_records`), validating every row.
 
     Each returned row gets a ``_where`` key (``"FILE:LINE"``) so later stages can name it.
     With ``skip_invalid=False`` any bad row raises :class:`DataError` listing all of them.
     """
     path = Path(path)
     report = LoadReport(str(path))
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError([f"{path}: cannot read ({e.strerror})"]) from None
     rows = []
-    for lineno, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            report.problems.append(f"{where}: not UTF-8 (byte {e.start})")
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            report.problems.append(f"{where}: invalid JSON ({e.msg} at column {e.colno})")
-            continue
-        problems = row_problems(row)
+    for where, row, problem in read_records(path):
+        problems = [problem] if problem else row_problems(row)
         if problems:
             report.problems.append(f"{where}: {'; '.join(problems)}")
             continue
@@ -155,19 +250,12 @@ def load_prompts(path: str | Path) -> list[dict]:
     """Rows with just a ``prompt`` (string or messages), e.g. for sampling pairs. Errors name FILE:LINE."""
     path = Path(path)
     rows, problems = [], []
-    for lineno, line in enumerate(Path(path).read_bytes().split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            problems.append(f"{path}:{lineno}: {'not UTF-8' if isinstance(e, UnicodeDecodeError) else 'invalid JSON'}")
-            continue
+    for where, row, problem in read_records(path):
         prompt = row.get("prompt") if isinstance(row, dict) else None
-        bad = _message_problems(prompt, "prompt") if isinstance(prompt, list) else (
+        bad = [problem] if problem else _message_problems(prompt, "prompt") if isinstance(prompt, list) else (
             [] if isinstance(prompt, str) and prompt.strip() else ["missing or empty 'prompt'"])
         if bad:
-            problems.append(f"{path}:{lineno}: {'; '.join(bad)}")
+            problems.append(f"{where}: {'; '.join(bad)}")
         else:
             rows.append(row)
     if problems or not rows:

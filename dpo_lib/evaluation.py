@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from .data import batch_to, collate, collate_sequences, length_sorted_batches
-from .logprobs import concatenated_forward
+from dpo_lib.data import batch_to, collate, collate_sequences, length_sorted_batches
+from dpo_lib.logprobs import concatenated_forward
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float]:

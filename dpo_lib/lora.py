@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .models import disable_dropout, load_tokenizer, resolve_model
-from .specs import ALL_LINEAR  # one definition, shared with the VRAM planner
+from dpo_lib.models import disable_dropout, load_tokenizer, resolve_model
+from dpo_lib.tools.specs import ALL_LINEAR  # one definition, shared with the VRAM planner
 
 
 class QLoRAUnavailable(RuntimeError):

@@ -53,7 +53,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+from dpo_lib.config import LOSS_TYPES  # one list, shared with the command line
 
 
 def dpo_loss(

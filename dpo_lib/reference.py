@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import collate, length_sorted_batches
-from .logprobs import concatenated_forward
+from dpo_lib.data import collate, length_sorted_batches
+from dpo_lib.logprobs import concatenated_forward
 
 
 class FrozenReference:

@@ -6,16 +6,16 @@ sequences (:func:`dpo_lib.logprobs.concatenated_forward`), reference log-probs f
 cache or a frozen model under ``no_grad`` (:mod:`dpo_lib.reference`), the loss of
 :func:`dpo_lib.losses.dpo_loss`, backward. Then clip, step, schedule.
 
-Metrics use TRL's names (see COURSE.md); each step appends one JSON line to
-``OUT/metrics.jsonl``. Checkpoints (``OUT/checkpoints/step-N``) hold the model
-(safetensors), optimizer, scheduler, RNG states and the position in the data; they are
-written to a temporary folder and renamed, so a crash mid-save leaves the last good one.
+Metrics use TRL's names (see COURSE.md); :class:`dpo_lib.logger.MetricsLogger` writes one JSON
+line per step to ``OUT/metrics.jsonl`` and prints the table; :mod:`dpo_lib.checkpoints` writes
+and reads the resumable checkpoints. The settings and their defaults are
+:class:`dpo_lib.config.TrainConfig`.
 
 Speed (off by default; same maths, fewer FLOPs — see ``python -m dpo_lib bench``):
 ``sort_by_length`` orders each step's pairs by length before cutting them into the
 ``grad_accum`` micro-batches, so each micro-batch is padded only to its own longest pair;
 ``compact_lm_head`` runs the LM head only on the positions that score a completion token.
-``precision="bf16"`` runs the forward under bf16 autocast (:func:`dpo_lib.models.autocast`);
+``precision="bf16"`` runs the forward under bf16 autocast (:func:`dpo_lib.precision.autocast`);
 then compute the reference log-probs under the same autocast, or step-0 rewards are not 0.
 Resuming from a checkpoint gives bitwise the weights of an uninterrupted run in float32; in
 bf16 only up to rounding (CPU bf16 matmuls are not always bitwise the same from one process
@@ -29,54 +29,26 @@ metrics are averaged over processes, and only the main process writes files.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import shutil
+import signal
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from .data import batch_to, collate, pair_length
-from .logprobs import concatenated_forward
-from .losses import chosen_nll, dpo_loss
-from .models import autocast, resolve_precision
-from .reference import FrozenReference
-
-METRIC_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected")
-
-
-@dataclass
-class TrainConfig:
-    beta: float = 0.1              # KL strength: higher keeps the policy closer to the reference
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0   # > 0: conservative DPO (sigmoid) or robust DPO (robust)
-    nll_weight: float = 0.0        # > 0: DPO + NLL on the chosen response
-    learning_rate: float = 5e-6    # DPO wants ~10x lower than SFT: it starts from a good model
-    batch_size: int = 8            # pairs per optimizer step
-    grad_accum: int = 1            # micro-batches per step (micro-batch = batch_size / grad_accum)
-    max_steps: int = 0             # 0: one pass over the data (epochs)
-    epochs: int = 1
-    warmup_ratio: float = 0.1
-    schedule: str = "cosine"       # cosine | linear | constant (after warm-up)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    print_every: int = 8           # metrics table every N steps (0: never)
-    save_every: int = 0            # checkpoint every N steps (0: only at the end)
-    keep_checkpoints: int = 2
-    shuffle: bool = True           # False: pairs in file order (benchmarks and parity runs)
-    sort_by_length: bool = False   # sort each step's pairs by length into micro-batches: less padding, same loss
-    compact_lm_head: bool = False  # LM head only where a completion token is scored (same numbers, fewer FLOPs)
-    precision: str = "fp32"        # bf16: forward under bf16 autocast (float32 weights and optimizer); auto: bf16 where fast
+from dpo_lib import checkpoints
+from dpo_lib.config import TrainConfig  # noqa: F401 (re-exported: the trainer's settings)
+from dpo_lib.data import batch_to, collate, pair_length
+from dpo_lib.logger import MetricsLogger
+from dpo_lib.logprobs import concatenated_forward
+from dpo_lib.losses import chosen_nll, dpo_loss
+from dpo_lib.precision import autocast, resolve_precision
+from dpo_lib.reference import FrozenReference
 
 
 class NonFiniteError(RuntimeError):
@@ -93,22 +65,80 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
 
-def format_table(title: str, metrics: dict) -> str:
-    """The boxed metric table printed during training (the tinker guide's layout)."""
-    rows = [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
-    w1, w2 = max(len(k) for k, _ in rows), max(len(v) for _, v in rows)
-    line = f"+{'-' * (w1 + 2)}+{'-' * (w2 + 2)}+"
-    body = [f"| {k:<{w1}} | {v:<{w2}} |" for k, v in rows]
-    return "\n".join([title.center(len(line)), line, f"| {'metric':<{w1}} | {'value':<{w2}} |", line, *body, line])
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the step in progress was finished, and ``checkpoint`` (if any) holds it."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(f"interrupted after step {step}")
+        self.step, self.checkpoint = step, checkpoint
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's two groups: weight decay on matrices, none on biases and norm scales (1-D)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over :func:`parameter_groups`; fused (one kernel for the whole update: on 2 CPU cores
+    0.08 s instead of 0.65 s for 135M parameters) when every parameter is on the CPU or one GPU."""
+    groups = parameter_groups(model, config.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = device.type in ("cpu", "cuda") and all(p.device.type == device.type for p in params)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, fused=fused or None)
+
+
+@contextmanager
+def deferred_sigint():
+    """Ctrl-C sets ``flag["hit"]`` instead of raising, so the step in progress can finish
+    (main thread only; elsewhere, and on a second Ctrl-C, it raises as usual)."""
+    flag = {"hit": False}
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is not signal.default_int_handler:  # someone else (a notebook kernel, a test) handles it
+            raise ValueError
+        signal.signal(signal.SIGINT, lambda *_: flag.update(hit=True) or signal.signal(signal.SIGINT, previous))
+    except ValueError:
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def batch_loss(model, batch: dict, c, reference=None, device="cpu") -> tuple[torch.Tensor, dict]:
+    """The DPO loss of one collated micro-batch (mean over its pairs) and its metrics, TRL's names.
+
+    One forward of ``model`` over ``[chosen; rejected]`` (under ``c.precision``'s autocast); the
+    reference log-probs come from the batch (precomputed) or from ``reference(batch)`` (no_grad)."""
+    with autocast(c.precision, device):
+        chosen, rejected = concatenated_forward(model, batch, compact_head=c.compact_lm_head)  # (B,), (B,)
+    if "ref_chosen_logps" in batch:
+        ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    else:
+        ref_chosen, ref_rejected = reference(batch)                                # no_grad inside
+    losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=c.beta,
+                                            loss_type=c.loss_type, label_smoothing=c.label_smoothing)
+    loss = losses.mean()
+    metrics = {"loss": loss.item()}
+    if c.nll_weight:
+        n_chosen = batch["completion_mask"][:, 1:].sum(1).chunk(2)[0]               # scored chosen tokens
+        nll = chosen_nll(chosen, n_chosen).mean()
+        loss = loss + c.nll_weight * nll
+        metrics["nll"] = nll.item()
+    metrics.update({
+        "rewards/chosen": r_chosen.mean().item(),
+        "rewards/rejected": r_rejected.mean().item(),
+        "rewards/accuracies": (r_chosen > r_rejected).float().mean().item(),
+        "rewards/margins": (r_chosen - r_rejected).mean().item(),
+        "logps/chosen": chosen.detach().mean().item(),
+        "logps/rejected": rejected.detach().mean().item(),
+    })
+    return loss, metrics
 
 
 class DPOTrainer:
@@ -147,15 +177,7 @@ class DPOTrainer:
             raise ValueError(f"{len(features)} pairs is fewer than one batch of {config.batch_size}")
         self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
         self.warmup_steps = round(config.warmup_ratio * self.total_steps)
-        decay, no_decay = [], []
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 else decay).append(p)
-        # fused: one kernel for the whole update (on 2 CPU cores 0.08 s instead of 0.65 s for 135M parameters)
-        fused = self.device.type in ("cpu", "cuda") and all(p.device.type == self.device.type for p in decay + no_decay)
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.learning_rate, fused=fused or None)
+        self.optimizer = make_optimizer(model, config, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, config.schedule))
         if accelerator is not None:  # the scheduler stays ours: one step per global batch, whatever the process count
@@ -191,40 +213,34 @@ class DPOTrainer:
     # ------------------------------------------------------------------ one step
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Loss of one collated micro-batch and its metrics (TRL names)."""
-        c = self.config
-        with autocast(c.precision, self.device):
-            chosen, rejected = concatenated_forward(self.model, batch, compact_head=c.compact_lm_head)  # (B,), (B,)
-        if "ref_chosen_logps" in batch:
-            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        else:
-            ref_chosen, ref_rejected = self.reference(batch)                        # no_grad inside
-        losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected,
-                                                beta=c.beta, loss_type=c.loss_type,
-                                                label_smoothing=c.label_smoothing)
-        loss = losses.mean()
-        metrics = {"loss": loss.item()}
-        if c.nll_weight:
-            n_chosen = batch["completion_mask"][:, 1:].sum(1).chunk(2)[0]           # scored chosen tokens
-            nll = chosen_nll(chosen, n_chosen).mean()
-            loss = loss + c.nll_weight * nll
-            metrics["nll"] = nll.item()
-        metrics.update({
-            "rewards/chosen": r_chosen.mean().item(),
-            "rewards/rejected": r_rejected.mean().item(),
-            "rewards/accuracies": (r_chosen > r_rejected).float().mean().item(),
-            "rewards/margins": (r_chosen - r_rejected).mean().item(),
-            "logps/chosen": chosen.detach().mean().item(),
-            "logps/rejected": rejected.detach().mean().item(),
-        })
-        return loss, metrics
+        """Loss of one collated micro-batch and its metrics (TRL names): :func:`batch_loss`."""
+        return batch_loss(self.model, batch, self.config, self.reference, self.device)
 
     def train_step(self) -> dict:
-        c = self.config
+        """One optimizer step: forward and backward over the step's micro-batches, clip, update, schedule."""
         t0 = time.perf_counter()
-        acc = self.accelerator
         self.model.train()
-        idx = self.local_indices(self.step)
+        sums, tokens = self._accumulate(self.local_indices(self.step))
+        if self.world > 1:
+            sums, tokens = self._all_reduce(sums, tokens)
+        grad_norm = self._clip()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.num_tokens += tokens
+        dt = time.perf_counter() - t0
+        metrics = {"step": self.step, **sums, "num_tokens": self.num_tokens,
+                   "tokens_per_second": tokens / dt, "learning_rate": lr, "grad_norm": grad_norm,
+                   "epoch": self.step / self.steps_per_epoch, "step_seconds": dt}
+        self.history.append(metrics)
+        return metrics
+
+    def _accumulate(self, idx: list[int]) -> tuple[dict, int]:
+        """Forward and backward of ``grad_accum`` equal micro-batches of the pairs ``idx``; returns
+        the step's mean metrics and its token count (this process's)."""
+        c, acc = self.config, self.accelerator
         micro = len(idx) // c.grad_accum
         sums: dict[str, float] = {}
         tokens = 0
@@ -242,33 +258,29 @@ class DPOTrainer:
                 acc.backward(scaled) if acc is not None else scaled.backward()
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v / c.grad_accum
-        if self.world > 1:  # equal shards: the global mean is the mean of the processes' means
-            keys = sorted(sums)
-            packed = acc.reduce(torch.tensor([sums[k] for k in keys] + [float(tokens)], dtype=torch.float64,
-                                             device=self.device), reduction="sum").tolist()
-            sums = {k: v / self.world for k, v in zip(keys, packed)}
-            tokens = int(packed[-1])
-            if not math.isfinite(sums["loss"]):
-                self._stop(f"non-finite loss ({sums['loss']})")
-        if acc is not None:  # all parameters: accelerate matches the list against the model's (FSDP); no-grad ones are skipped
-            grad_norm = float(acc.clip_grad_norm_(list(self.model.parameters()), c.max_grad_norm))
+        return sums, tokens
+
+    def _all_reduce(self, sums: dict, tokens: int) -> tuple[dict, int]:
+        """Equal shards: the global mean is the mean of the processes' means; tokens add up."""
+        keys = sorted(sums)
+        packed = self.accelerator.reduce(torch.tensor([sums[k] for k in keys] + [float(tokens)], dtype=torch.float64,
+                                                      device=self.device), reduction="sum").tolist()
+        sums = {k: v / self.world for k, v in zip(keys, packed)}
+        if not math.isfinite(sums["loss"]):
+            self._stop(f"non-finite loss ({sums['loss']})")
+        return sums, int(packed[-1])
+
+    def _clip(self) -> float:
+        """Clip the gradient norm to ``max_grad_norm``; a NaN/inf norm stops before the update."""
+        max_norm, acc = self.config.max_grad_norm, self.accelerator
+        if acc is not None:  # all parameters: accelerate matches them against the model's (FSDP); no-grad ones skip
+            grad_norm = float(acc.clip_grad_norm_(list(self.model.parameters()), max_norm))
         else:
             grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                             c.max_grad_norm))
+                                                             max_norm))
         if not math.isfinite(grad_norm):
             self._stop(f"non-finite gradient norm ({grad_norm})")
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.num_tokens += tokens
-        dt = time.perf_counter() - t0
-        metrics = {"step": self.step, **sums, "num_tokens": self.num_tokens,
-                   "tokens_per_second": tokens / dt, "learning_rate": lr, "grad_norm": grad_norm,
-                   "epoch": self.step / self.steps_per_epoch, "step_seconds": dt}
-        self.history.append(metrics)
-        return metrics
+        return grad_norm
 
     def _stop(self, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -281,57 +293,48 @@ class DPOTrainer:
 
     # ------------------------------------------------------------------ loop
 
-    def train(self, resume: bool = False, progress: bool = True, kill_after_save: int | None = None) -> list[dict]:
-        """Run until ``total_steps``. ``resume=True`` continues from the last checkpoint in ``out_dir``."""
+    def train(self, resume: bool = False, progress: bool = True, callbacks=()) -> list[dict]:
+        """Run until ``total_steps``. ``resume=True`` continues from the last checkpoint in ``out_dir``.
+        Each of ``callbacks`` is called as ``callback(trainer, metrics)`` after every step (and its
+        checkpoint). Ctrl-C finishes the step in progress, writes a checkpoint when ``save_every``
+        is set, and raises :class:`TrainingInterrupted`."""
         if resume:
-            last = self.latest_checkpoint()
-            if last is None:
-                print(f"[dpo_lib] --resume: no checkpoint in {self.out}, starting from step 0")
-            else:
-                self.load_checkpoint(last)
-                print(f"[dpo_lib] resumed from {last} (step {self.step}/{self.total_steps})")
-        main = self.is_main
-        metrics_file = open(self.out / "metrics.jsonl", "a" if self.step else "w") if self.out and main else None
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="DPO", disable=not (progress and main),
+            self._resume()
+        log = MetricsLogger(self.out, self.step, self.total_steps, self.config.batch_size, self.config.print_every,
+                            enabled=self.is_main)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="DPO", disable=not (progress and self.is_main),
                    dynamic_ncols=True)
         try:
-            while self.step < self.total_steps:
-                m = self.train_step()
-                if metrics_file:
-                    metrics_file.write(json.dumps(m) + "\n")
-                    metrics_file.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}")
-                c = self.config
-                if main and c.print_every and (self.step % c.print_every == 0 or self.step == self.total_steps):
-                    table = {"accuracy": m["rewards/accuracies"], "dpo_loss": m["loss"],
-                             "margin": m["rewards/margins"], "chosen_reward": m["rewards/chosen"],
-                             "rejected_reward": m["rewards/rejected"], "learning_rate": m["learning_rate"],
-                             "grad_norm": m["grad_norm"], "num_pairs": self.step * c.batch_size,
-                             "num_tokens": m["num_tokens"], "tokens_per_second": m["tokens_per_second"],
-                             "progress": self.step / self.total_steps}
-                    tqdm.write(format_table(f"Step {self.step}", table))
-                if self.out and self.config.save_every and self.step % self.config.save_every == 0:
-                    self.save_checkpoint()
-                    if kill_after_save is not None and self.step >= kill_after_save:
-                        os.kill(os.getpid(), 9)  # test hook: die like a SIGKILLed job
+            with deferred_sigint() as sigint:
+                while self.step < self.total_steps:
+                    m = self.train_step()
+                    log.log(m)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}")
+                    if self.out and self.config.save_every and self.step % self.config.save_every == 0:
+                        self.save_checkpoint()
+                    for callback in callbacks:
+                        callback(self, m)
+                    if sigint["hit"]:
+                        saved = self.save_checkpoint() if self.out and self.config.save_every else None
+                        raise TrainingInterrupted(self.step, saved)
         finally:
             bar.close()
-            if metrics_file:
-                metrics_file.close()
+            log.close()
         return self.history
 
-    # ------------------------------------------------------------------ checkpoints
+    def _resume(self) -> None:
+        last = self.latest_checkpoint()
+        if last is None:
+            print(f"[dpo_lib] --resume: no checkpoint in {self.out}, starting from step 0")
+            return
+        self.load_checkpoint(last)
+        print(f"[dpo_lib] resumed from {last} (step {self.step}/{self.total_steps})")
+
+    # ------------------------------------------------------------------ checkpoints (dpo_lib.checkpoints)
 
     def latest_checkpoint(self) -> Path | None:
-        if self.out is None:
-            return None
-        pointer = self.out / "checkpoints" / "latest"
-        if pointer.is_file():
-            path = self.out / "checkpoints" / pointer.read_text().strip()
-            if (path / "trainer_state.json").is_file():
-                return path
-        return None
+        return checkpoints.latest_checkpoint(self.out)
 
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
@@ -345,43 +348,15 @@ class DPOTrainer:
         root = self.out / "checkpoints"
         final = root / f"step-{self.step:06d}"
         if self.is_main:
-            final = self._write_checkpoint(root)
+            state = checkpoints.trainer_state(self.step, self.num_tokens, self.config, self.history)
+            final = checkpoints.write_checkpoint(root, self._unwrapped(), self.optimizer, self.scheduler, state,
+                                                 self.config.keep_checkpoints)
         if acc is not None and self.world > 1:
             acc.wait_for_everyone()
         return final
 
-    def _write_checkpoint(self, root: Path) -> Path:
-        root.mkdir(parents=True, exist_ok=True)
-        name = f"step-{self.step:06d}"
-        tmp = root / f".tmp-{name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_model(self._unwrapped(), str(tmp / "model.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-        state = {"step": self.step, "num_tokens": self.num_tokens, "config": asdict(self.config),
-                 "history": self.history}
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        for f in tmp.iterdir():  # flush file contents before the rename makes them visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _atomic_write_text(root / "latest", name)
-        kept = sorted(p for p in root.glob("step-*") if p.is_dir())
-        for old in kept[:-self.config.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
     def load_checkpoint(self, path: Path) -> None:
-        load_model(self._unwrapped(), str(path / "model.safetensors"))
-        state = torch.load(path / "optimizer.pt", weights_only=True)  # tensors and numbers only: no pickle code
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        meta = json.loads((path / "trainer_state.json").read_text())
+        meta = checkpoints.read_checkpoint(path, self._unwrapped(), self.optimizer, self.scheduler)
         self.step, self.num_tokens, self.history = meta["step"], meta["num_tokens"], meta["history"]
-        if self.out and self.is_main and (self.out / "metrics.jsonl").is_file():  # drop lines logged after this checkpoint
-            lines = (self.out / "metrics.jsonl").read_text().splitlines()
-            _atomic_write_text(self.out / "metrics.jsonl", "".join(l + "\n" for l in lines[:self.step]))
+        if self.out and self.is_main:  # drop lines logged after this checkpoint
+            MetricsLogger.truncate(self.out, self.step)

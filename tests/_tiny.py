@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from dpo_lib.models import tiny_model, tiny_tokenizer
+from dpo_lib.trainer import TrainConfig
 
 WORDS = ["great", "awful", "fine", "lovely", "bad", "nice", "poor", "superb"]
 
@@ -37,3 +38,14 @@ def save_tiny(folder: Path, seed: int = 0) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder
+
+
+# The settings these tests were written against (TrainConfig's defaults before they became the main
+# job's): one micro-batch per step in file-order padding, the full LM head, float32, lr 5e-6, 1 epoch.
+PLAIN_FP32 = dict(learning_rate=5e-6, grad_accum=1, epochs=1, sort_by_length=False, compact_lm_head=False,
+                  precision="fp32")
+
+
+def train_config(**kw) -> TrainConfig:
+    """A TrainConfig of :data:`PLAIN_FP32` with ``kw`` on top."""
+    return TrainConfig(**{**PLAIN_FP32, **kw})

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dpo_lib import bandit as B
+from dpo_lib.course import bandit as B
 from dpo_lib.losses import dpo_loss
 
 

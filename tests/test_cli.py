@@ -2,13 +2,14 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from safetensors.torch import load_file
-
 from _tiny import conv_row, save_tiny, toy_rows, write_jsonl
+from safetensors.torch import load_file
 
 
 def cli(*args, **kw):
@@ -80,24 +81,48 @@ def test_train_writes_every_artifact(tiny_setup, precision):
     assert card["config"]["precision"] == precision
 
 
+def _start(*args) -> subprocess.Popen:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    return subprocess.Popen([sys.executable, "-m", "dpo_lib", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_checkpoint(proc: subprocess.Popen, out, timeout: float = 240.0) -> None:
+    """Poll until ``out`` has a complete checkpoint (``checkpoints/latest`` names one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (out / "checkpoints" / "latest").is_file() or proc.poll() is not None:
+            return
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError("no checkpoint appeared")
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tiny_setup):
     # float32: its CPU kernels give the same bits in every process. Under bf16 autocast the first
     # matmuls of a process occasionally round differently (3 runs in 83 here, see README,
     # "Precision"), and bitwise equality of two processes would then test the CPU, not the resume.
+    # 60 steps with a checkpoint every 2: the kill, sent from outside as soon as the first
+    # checkpoint is complete, lands mid-run (each checkpoint is fsynced, so a run takes seconds).
     d, model, train, test = tiny_setup
     straight, broken = d / "straight", d / "broken"
-    args = ("--save-every", 2, "--no-eval", "--precision", "fp32")
+    args = ("--save-every", 2, "--no-eval", "--precision", "fp32", "--max-steps", 60)
     assert cli(*train_args(d, model, train, test, straight, *args)).returncode == 0
-    killed = cli(*train_args(d, model, train, test, broken, *args, "--_kill-after-save", 4))
-    assert killed.returncode == -9  # SIGKILL right after the step-4 checkpoint
+    proc = _start(*train_args(d, model, train, test, broken, *args))
+    _wait_for_checkpoint(proc, broken)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -9, "the run ended before the kill; it cannot test a resume"
     assert not (broken / "final").exists()
+    killed_at = int((broken / "checkpoints" / "latest").read_text().split("-")[1])
+    assert 2 <= killed_at < 60
     res = cli(*train_args(d, model, train, test, broken, *args, "--resume"))
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed from" in res.stdout
     a = load_file(straight / "final" / "model.safetensors")
     b = load_file(broken / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
-    assert len((broken / "metrics.jsonl").read_text().splitlines()) == 6
+    assert len((broken / "metrics.jsonl").read_text().splitlines()) == 60
 
 
 def test_bad_data_exits_2_without_traceback(tiny_setup, tmp_path):

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from dpo_lib import grading
-from dpo_lib.grader import _close
-from dpo_lib.grading import GRADERS
+from dpo_lib.course import graders as grading
+from dpo_lib.course.grading_engine import _close
+from dpo_lib.course.graders import GRADERS
 from dpo_lib.logprobs import concatenated_forward
 
 MISTAKES = [(name, i) for name, grader in GRADERS.items() for i in range(len(grader.mistakes))]

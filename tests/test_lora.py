@@ -16,9 +16,9 @@ from dpo_lib.evaluation import implicit_reward_accuracy, sequence_kl
 from dpo_lib.logprobs import concatenated_forward
 from dpo_lib.reference import AdapterDisabledReference, precompute_reference_logps
 from dpo_lib.sampling import generate
-from dpo_lib.trainer import DPOTrainer, TrainConfig
+from dpo_lib.trainer import DPOTrainer
 
-from _tiny import tiny, toy_rows
+from _tiny import tiny, toy_rows, train_config
 
 
 def _features(tok, n=8):
@@ -76,7 +76,7 @@ def test_dpo_steps_change_only_adapter_weights():
     features = _features(tok, 8)
     peft_model = lora.make_lora_model(model, r=4, alpha=8)
     before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
-    config = TrainConfig(batch_size=4, max_steps=3, learning_rate=1e-2, warmup_ratio=0.0, print_every=0)
+    config = train_config(batch_size=4, max_steps=3, learning_rate=1e-2, warmup_ratio=0.0, print_every=0)
     trainer = DPOTrainer(peft_model, features, config, pad_token_id=tok.pad_token_id,
                          reference=AdapterDisabledReference(peft_model))
     history = trainer.train(progress=False)
@@ -140,7 +140,7 @@ def test_adapter_disabled_reference_in_the_evaluation_equals_the_base():
 def test_trainer_moves_batches_to_the_model_device(monkeypatch):
     model, tok = tiny()
     peft_model = lora.make_lora_model(model, r=4, alpha=8)
-    config = TrainConfig(batch_size=4, max_steps=2, learning_rate=1e-2, warmup_ratio=0.0, print_every=0)
+    config = train_config(batch_size=4, max_steps=2, learning_rate=1e-2, warmup_ratio=0.0, print_every=0)
     trainer = DPOTrainer(peft_model, _features(tok, 8), config, pad_token_id=tok.pad_token_id,
                          reference=AdapterDisabledReference(peft_model))
     # the batch is moved with batch_to to the model's device before the loss
@@ -178,7 +178,7 @@ def test_gradient_checkpointing_gives_the_same_update():
     for ckpt in (False, True):
         model, tok = tiny()
         peft_model = lora.make_lora_model(model, r=4, alpha=8, gradient_checkpointing=ckpt)
-        config = TrainConfig(batch_size=4, max_steps=2, learning_rate=1e-2, warmup_ratio=0.0, print_every=0)
+        config = train_config(batch_size=4, max_steps=2, learning_rate=1e-2, warmup_ratio=0.0, print_every=0)
         DPOTrainer(peft_model, _features(tok, 8), config, pad_token_id=tok.pad_token_id,
                    reference=AdapterDisabledReference(peft_model)).train(progress=False)
         weights.append({n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad})

@@ -27,6 +27,8 @@ from dpo_lib.data import tokenize_rows  # noqa: E402
 from dpo_lib.reference import FrozenReference, precompute_reference_logps  # noqa: E402
 from dpo_lib.trainer import DPOTrainer, TrainConfig  # noqa: E402
 
+# the settings these tests were written for (TrainConfig defaults before they became the main job's)
+LEGACY = dict(grad_accum=1, sort_by_length=False, compact_lm_head=False, precision="fp32")
 CONFIGS = {
     # one micro-batch per process; checkpoints written (main process only) every step
     "plain": dict(grad_accum=1, save_every=1),
@@ -41,7 +43,7 @@ def make_trainer(name: str, out: Path | None, accelerator=None) -> DPOTrainer:
     feats, _ = tokenize_rows(tok, toy_rows(16))
     feats = precompute_reference_logps(FrozenReference(policy), feats, tok.pad_token_id)
     config = TrainConfig(batch_size=8, max_steps=2, learning_rate=1e-3, warmup_ratio=0.0, schedule="constant",
-                         print_every=0, **CONFIGS[name])
+                         print_every=0, **{**LEGACY, **CONFIGS[name]})
     return DPOTrainer(policy, feats, config, tok.pad_token_id, out_dir=out, accelerator=accelerator)
 
 

@@ -1,11 +1,11 @@
-"""FLOPs and MFU of dpo_lib.perf against counts done by hand for the tiny test model."""
+"""FLOPs and MFU of dpo_lib.tools.flops against counts done by hand for the tiny test model."""
 
 import pytest
 import torch
 
 from dpo_lib.models import tiny_model
-from dpo_lib.perf import (PEAK_FLOPS, ModelShape, dpo_flops_per_token, dpo_step_flops, measure_cpu_peak_flops,
-                          mfu, model_shape, non_embedding_params, peak_flops)
+from dpo_lib.tools.flops import (PEAK_FLOPS, ModelShape, dpo_flops_per_token, dpo_step_flops, measure_cpu_peak_flops,
+    mfu, model_shape, non_embedding_params, peak_flops)
 
 # tiny_model(vocab_size=99, hidden_size=32, num_layers=2): Llama, 4 heads of 8, 2 KV heads, MLP 64.
 # One layer: q 32*32 = 1024, k 32*16 = 512, v 512, o 1024, gate/up/down 3 * 32*64 = 6144,
@@ -72,7 +72,7 @@ def test_cpu_peak_is_measured():
 def _batch(n=6, seed=2):
     from dpo_lib.data import collate, tokenize_rows
 
-    from _tiny import tiny, toy_rows
+    from _tiny import tiny, toy_rows, train_config
     model, tok = tiny(seed=seed)
     feats, _ = tokenize_rows(tok, toy_rows(n))
     return model, tok, feats, collate(feats, tok.pad_token_id)
@@ -125,14 +125,15 @@ def test_compact_head_falls_back_where_it_cannot_reproduce_the_logits():
 
 def test_sorted_micro_batches_and_compact_head_give_the_full_batch_step():
     from dpo_lib.data import pair_length
+    from _tiny import train_config
     from dpo_lib.reference import FrozenReference, precompute_reference_logps
-    from dpo_lib.trainer import DPOTrainer, TrainConfig
+    from dpo_lib.trainer import DPOTrainer
 
     results = []
     for fast in (False, True):
         model, tok, feats, _ = _batch(n=8, seed=0)
         feats = precompute_reference_logps(FrozenReference(model), feats, tok.pad_token_id)
-        config = TrainConfig(batch_size=8, grad_accum=4 if fast else 1, sort_by_length=fast, compact_lm_head=fast,
+        config = train_config(batch_size=8, grad_accum=4 if fast else 1, sort_by_length=fast, compact_lm_head=fast,
                              max_steps=2, learning_rate=1e-3, warmup_ratio=0.0, schedule="constant", print_every=0)
         trainer = DPOTrainer(model, feats, config, tok.pad_token_id)
         if fast:  # each micro-batch holds pairs of similar length
@@ -149,10 +150,11 @@ def test_sorted_micro_batches_and_compact_head_give_the_full_batch_step():
 
 
 def test_shuffle_false_takes_pairs_in_file_order():
-    from dpo_lib.trainer import DPOTrainer, TrainConfig
+    from _tiny import train_config
+    from dpo_lib.trainer import DPOTrainer
 
     model, tok, feats, _ = _batch(n=8)
     feats = [dict(f, ref_chosen_logps=0.0, ref_rejected_logps=0.0) for f in feats]
-    trainer = DPOTrainer(model, feats, TrainConfig(batch_size=4, shuffle=False), tok.pad_token_id)
+    trainer = DPOTrainer(model, feats, train_config(batch_size=4, shuffle=False), tok.pad_token_id)
     assert trainer.batch_indices(0) == [0, 1, 2, 3] and trainer.batch_indices(1) == [4, 5, 6, 7]
-    assert DPOTrainer(model, feats, TrainConfig(batch_size=4), tok.pad_token_id).batch_indices(0) != [0, 1, 2, 3]
+    assert DPOTrainer(model, feats, train_config(batch_size=4), tok.pad_token_id).batch_indices(0) != [0, 1, 2, 3]

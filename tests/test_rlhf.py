@@ -11,18 +11,15 @@ from dpo_lib.logprobs import sequence_logprobs
 from dpo_lib.models import tiny_model, tiny_tokenizer
 from torch import nn
 
-from dpo_lib.memory import PeakMemory, megabytes
-from dpo_lib.ppo import (
-    AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, PPOTrainer, closed_turns, compute_gae,
-    kl_shaped_rewards, ppo_policy_loss, ppo_value_loss, response_forward, rollout, sequence_kl,
-)
-from dpo_lib.rlhf import (
-    RewardModel, end_of_turn_ids, entropy_from_logits, left_pad, mask_after_eos, reward_model_loss,
-)
-from dpo_lib.small_rlhf import (
-    FrozenTrunk, best_of_n, best_of_n_kl, expected_best_of_n, pair_logps_and_hidden, sample_and_score,
-    train_only_top_blocks, train_reward_head,
-)
+from dpo_lib.tools.memory import PeakMemory, megabytes
+from dpo_lib.rlhf.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, PPOTrainer,
+    closed_turns, compute_gae, kl_shaped_rewards, ppo_policy_loss, ppo_value_loss, response_forward, rollout,
+    sequence_kl)
+from dpo_lib.rlhf.masks import entropy_from_logits, left_pad, mask_after_eos
+from dpo_lib.rlhf.reward_model import RewardModel, end_of_turn_ids, reward_model_loss
+from dpo_lib.rlhf.best_of_n import best_of_n, best_of_n_kl, expected_best_of_n, sample_and_score
+from dpo_lib.rlhf.frozen_trunk import FrozenTrunk, pair_logps_and_hidden, train_only_top_blocks
+from dpo_lib.rlhf.reward_model import train_reward_head
 
 T = torch.tensor
 
@@ -505,7 +502,8 @@ def test_frozen_trunk_branches_compute_what_the_whole_model_computes(tok):
 
 def test_frozen_trunk_runs_ppo_dpo_and_the_pair_pass(tok):
     from dpo_lib.data import tokenize_rows
-    from dpo_lib.trainer import DPOTrainer, TrainConfig
+    from _tiny import train_config
+    from dpo_lib.trainer import DPOTrainer
     torch.manual_seed(0)
     base = tiny_model(vocab_size=len(tok), seed=0, num_layers=3)
     trunk = FrozenTrunk(base, n_top=1)
@@ -519,7 +517,7 @@ def test_frozen_trunk_runs_ppo_dpo_and_the_pair_pass(tok):
     features = [dict(f, ref_chosen_logps=float(c), ref_rejected_logps=float(r))
                 for f, c, r in zip(features, plain["chosen_logps"], plain["rejected_logps"])]
     policy = trunk.branch()
-    history = DPOTrainer(policy, features, TrainConfig(batch_size=2, max_steps=3, learning_rate=1e-2, print_every=0),
+    history = DPOTrainer(policy, features, train_config(batch_size=2, max_steps=3, learning_rate=1e-2, print_every=0),
                          pad_token_id=tok.pad_token_id).train(progress=False)
     close(history[0]["loss"], math.log(2), atol=1e-5)
     assert history[-1]["loss"] < history[0]["loss"]

@@ -6,7 +6,7 @@ import torch
 from dpo_lib.data import collate, tokenize_pair
 from dpo_lib.logprobs import sequence_logprobs
 from dpo_lib.models import tiny_tokenizer
-from dpo_lib.tokens import mask_counts, mask_table, show_mask, token_info, visible
+from dpo_lib.course.mask_view import mask_counts, mask_table, show_mask, token_info, visible
 
 from _tiny import conv_row
 

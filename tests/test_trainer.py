@@ -2,12 +2,11 @@ import math
 
 import pytest
 import torch
+from _tiny import tiny, toy_rows
 
 from dpo_lib.data import tokenize_rows
 from dpo_lib.reference import AdapterDisabledReference, FrozenReference, precompute_reference_logps
 from dpo_lib.trainer import DPOTrainer, NonFiniteError, TrainConfig, lr_factor
-
-from _tiny import tiny, toy_rows
 
 
 def features(model, tok, n=16):
@@ -16,7 +15,8 @@ def features(model, tok, n=16):
 
 
 def config(**kw):
-    base = dict(batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, schedule="constant", print_every=0)
+    base = dict(batch_size=4, learning_rate=1e-3, warmup_ratio=0.0, schedule="constant", print_every=0, epochs=1,
+                grad_accum=1, sort_by_length=False, compact_lm_head=False, precision="fp32")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -42,7 +42,7 @@ def test_first_step_loss_is_ln2_and_training_learns_the_preference():
 
 
 def test_bf16_autocast_needs_bf16_reference_logps_and_keeps_float32_weights():
-    from dpo_lib.models import autocast, resolve_precision
+    from dpo_lib.precision import autocast, resolve_precision
     model, tok = tiny()
     f, _ = tokenize_rows(tok, toy_rows(16))
     fp32_refs = precompute_reference_logps(FrozenReference(model), f, tok.pad_token_id)
@@ -197,7 +197,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_checkpoint(tmp_path):
 
 
 def test_a_crash_during_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from dpo_lib import trainer as T
+    from dpo_lib import checkpoints as T
     model, tok = tiny()
     t = DPOTrainer(model, features(model, tok, 8), config(max_steps=4), tok.pad_token_id, out_dir=tmp_path)
     t.train_step()

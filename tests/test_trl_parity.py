@@ -8,12 +8,12 @@ import torch
 datasets = pytest.importorskip("datasets", reason="parity tests need the dev extra (datasets, trl)")
 trl = pytest.importorskip("trl", reason="parity tests need the dev extra (trl)")
 
+from _tiny import tiny, toy_rows, train_config  # noqa: E402
+
 from dpo_lib.data import collate, tokenize_rows  # noqa: E402
 from dpo_lib.logprobs import concatenated_forward  # noqa: E402
 from dpo_lib.reference import FrozenReference, precompute_reference_logps  # noqa: E402
-from dpo_lib.trainer import DPOTrainer, TrainConfig  # noqa: E402
-
-from _tiny import tiny, toy_rows  # noqa: E402
+from dpo_lib.trainer import DPOTrainer  # noqa: E402
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected"]
@@ -62,7 +62,7 @@ def test_logps_loss_and_rewards_match_trl_on_one_batch(setup):
 
     feats, _ = tokenize_rows(tok, rows)
     batch = collate(feats, tok.pad_token_id)
-    ours = DPOTrainer(policy, feats, TrainConfig(batch_size=len(rows), beta=0.1), tok.pad_token_id,
+    ours = DPOTrainer(policy, feats, train_config(batch_size=len(rows), beta=0.1), tok.pad_token_id,
                       reference=FrozenReference(ref))
     loss, metrics = ours.compute_loss(batch)
     with torch.no_grad():
@@ -83,7 +83,7 @@ def test_two_training_steps_match_trl(setup):
 
     feats, _ = tokenize_rows(tok, rows)
     feats = precompute_reference_logps(FrozenReference(policy), feats, tok.pad_token_id)
-    config = TrainConfig(batch_size=len(rows), max_steps=2, learning_rate=1e-3, beta=0.1, warmup_ratio=0.0,
+    config = train_config(batch_size=len(rows), max_steps=2, learning_rate=1e-3, beta=0.1, warmup_ratio=0.0,
                          schedule="constant", max_grad_norm=1.0, print_every=0)
     ours = DPOTrainer(policy, feats, config, tok.pad_token_id)
     history = ours.train(progress=False)

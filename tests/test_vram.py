@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_lib import vram
+from dpo_lib.tools import vram
 from dpo_lib.models import tiny_model
 
 SMOL = vram.MODELS["SmolLM2-135M-Instruct"]

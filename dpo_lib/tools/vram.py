@@ -7,8 +7,8 @@ the precision, the micro-batch, the gradient accumulation and whether to use gra
 checkpointing, each with a one-line reason, and the memory estimate behind the choice
 (``plan(...).explain()`` prints it all).
 
-The model and GPU specs come from :mod:`dpo_lib.specs` (re-exported here), and
-:func:`measure_saved_activations` from :mod:`dpo_lib.memory`.
+The model and GPU specs come from :mod:`dpo_lib.tools.specs` (re-exported here), and
+:func:`measure_saved_activations` from :mod:`dpo_lib.tools.memory`.
 
 Notation
 --------
@@ -104,9 +104,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .memory import measure_saved_activations
-from .specs import (ALL_LINEAR, GPU, GPUS, LINEAR_MODULES, MODELS, GiB, ModelSpec, cpu_device, detect_device,
-                    gpu_spec, lora_trainable_params, model_spec, pick_precision)
+from dpo_lib.tools.memory import measure_saved_activations
+from dpo_lib.tools.specs import (ALL_LINEAR, GPU, GPUS, LINEAR_MODULES, MODELS, GiB, ModelSpec, cpu_device,
+    detect_device, gpu_spec, lora_trainable_params, model_spec, pick_precision)
 
 CUDA_CONTEXT_BYTES = GiB // 2     # CUDA context + kernels loaded by torch; not in max_memory_allocated
 ALLOCATOR_SLACK = 0.10            # fragmentation, cuBLAS workspaces, caching-allocator rounding

@@ -27,7 +27,7 @@ One DPO step over ``tokens`` tokens (prompt+chosen and prompt+rejected, all pair
 
 With precomputed reference log-probs (:mod:`dpo_lib.reference`) the reference forward is
 paid once per pair before training instead of once per step; over one epoch the total work
-is the same, which is why the bench (:mod:`dpo_lib.bench`) charges it to the steps.
+is the same, which is why the bench (:mod:`dpo_lib.tools.bench`) charges it to the steps.
 
 MFU = achieved model FLOP/s / peak FLOP/s of the hardware, with the *model* FLOPs above
 (recomputation, e.g. activation checkpointing, and padding are not counted as useful work:

@@ -9,14 +9,13 @@ r"""PPO beside DPO at CPU scale: the helpers of lesson 04.
   (:func:`expected_best_of_n`), and best-of-N itself with its KL bound (:func:`best_of_n`,
   :func:`best_of_n_kl`).
 
-Memory is measured with :mod:`dpo_lib.memory` (:func:`~dpo_lib.memory.megabytes`,
-:class:`~dpo_lib.memory.PeakMemory`).
+Memory is measured with :mod:`dpo_lib.tools.memory` (:func:`~dpo_lib.tools.memory.megabytes`,
+:class:`~dpo_lib.tools.memory.PeakMemory`).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from contextlib import contextmanager
 
 import torch
@@ -24,8 +23,8 @@ from torch import nn
 
 from dpo_lib.data import batch_to, collate
 from dpo_lib.logprobs import sequence_logprobs
-from dpo_lib.ppo import closed_turns, rollout
-from dpo_lib.rlhf import RewardModel, pool_hidden, position_ids_from_mask, reward_model_loss
+from dpo_lib.rlhf.masks import position_ids_from_mask
+from dpo_lib.rlhf.reward_model import pool_hidden
 
 
 def train_only_top_blocks(model: nn.Module, n_blocks: int | None) -> int:
@@ -164,94 +163,3 @@ def pair_logps_and_hidden(model: nn.Module, features: list[dict], pad_token_id: 
             parts[key].append(value.float().cpu())
     model.train(was_training)
     return {k: torch.cat(v) for k, v in parts.items()}
-
-
-def train_reward_head(reward_model: RewardModel, chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor,
-                      epochs: int = 200, lr: float = 1e-2, weight_decay: float = 0.0) -> list[dict]:
-    r"""Fit the linear head of a :class:`RewardModel` whose backbone stays frozen, on cached pooled
-    features ``(N, H)`` (:func:`pair_logps_and_hidden`): full-batch AdamW on the
-    Bradley–Terry loss. The head starts at zero, so every reward is 0 and the first loss is
-    exactly :math:`\ln 2`. Returns ``{"loss", "accuracy"}`` per epoch, measured before its update.
-
-    Afterwards the head is rescaled so that the rewards of all the training responses have mean 0
-    and standard deviation 1 (an affine change: the ranking, hence the accuracy, is unchanged)."""
-    head = reward_model.head
-    chosen_hidden, rejected_hidden = chosen_hidden.to(head.weight.device), rejected_hidden.to(head.weight.device)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    history = []
-    for _ in range(epochs):
-        loss, accuracy = reward_model_loss(head(chosen_hidden).squeeze(-1), head(rejected_hidden).squeeze(-1))
-        history.append({"loss": float(loss.detach()), "accuracy": float(accuracy)})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        scores = head(torch.cat([chosen_hidden, rejected_hidden])).squeeze(-1)      # (2N,)
-        std = scores.std().clamp(min=1e-8)
-        head.weight /= std
-        head.bias.copy_((head.bias - scores.mean()) / std)
-    return history
-
-
-@torch.no_grad()
-def sample_and_score(policy, tokenizer, prompts_ids, reward_fn, max_new_tokens: int, ref_model=None,
-                     n: int = 1, batch_size: int = 32, seed: int = 0, temperature: float = 1.0,
-                     reward_model: RewardModel | None = None, reward_suffix_ids=None) -> dict:
-    r"""Sample ``n`` responses to each of ``P`` prompts from ``policy`` (full distribution) and score them.
-
-    Returns ``texts`` (``P * n``, prompt-major), ``rewards`` ``(P, n)`` from ``reward_fn(texts)`` and
-    ``kl`` ``(P, n)``, each sample's :math:`\log\pi(y|x) - \log\pi_\text{ref}(y|x)` (its mean is the
-    Monte-Carlo sequence KL; all zeros without ``ref_model``). With ``reward_model`` also
-    ``proxy`` ``(P, n)``, its scores of the responses closed with ``reward_suffix_ids``."""
-    torch.manual_seed(seed)
-    jobs = [list(ids) for ids in prompts_ids for _ in range(n)]
-    texts, rewards, kls, proxy = [], [], [], []
-    for i in range(0, len(jobs), batch_size):
-        batch = rollout(policy, tokenizer, jobs[i:i + batch_size], max_new_tokens, ref_model, temperature)
-        texts += batch.texts
-        rewards += [float(r) for r in reward_fn(batch.texts)]
-        kls += (batch.logprobs - batch.ref_logprobs).sum(-1).tolist()
-        if reward_model is not None:
-            proxy += reward_model(*closed_turns(batch, reward_suffix_ids or [], tokenizer.eos_token_id,
-                                                tokenizer.pad_token_id)).tolist()
-    P = len(prompts_ids)
-    out = {"texts": texts, "rewards": torch.tensor(rewards).view(P, n), "kl": torch.tensor(kls).view(P, n)}
-    if reward_model is not None:
-        out["proxy"] = torch.tensor(proxy).view(P, n)
-    return out
-
-
-def expected_best_of_n(rewards: torch.Tensor, n: int, select_by: torch.Tensor | None = None) -> float:
-    r"""Expected reward of best-of-``n`` sampling, estimated from ``N >= n`` samples per prompt
-    (``rewards`` ``(P, N)``) without bias: the average, over all :math:`\binom{N}{n}` subsets of size
-    ``n``, of the reward of the subset's best member, then the mean over prompts. "Best" is by
-    ``select_by`` ``(P, N)`` (e.g. a reward model's scores) or, when ``None``, by ``rewards`` itself.
-
-    Sorted ascending by the selection score, sample ``i`` (0-based) is the best of a random subset with
-    probability :math:`\binom{i}{n-1}/\binom{N}{n}`."""
-    P, N = rewards.shape
-    if not 1 <= n <= N:
-        raise ValueError(f"need 1 <= n <= N, got n={n}, N={N}")
-    key = rewards if select_by is None else select_by
-    ranked = rewards.gather(1, key.argsort(dim=1, stable=True))                    # (P, N) by selection score
-    weights = torch.tensor([math.comb(i, n - 1) / math.comb(N, n) for i in range(N)], dtype=rewards.dtype)
-    return float((ranked * weights).sum(1).mean())
-
-
-@torch.no_grad()
-def best_of_n(policy, tokenizer, prompt_ids, n: int, reward_fn, max_new_tokens: int = 32,
-              temperature: float = 1.0) -> dict:
-    """Sample ``n`` responses to one prompt and keep the best by ``reward_fn(texts)``: no training,
-    KL to the sampler at most :func:`best_of_n_kl`. Returns ``{"best", "best_reward", "texts", "rewards"}``."""
-    batch = rollout(policy, tokenizer, [list(prompt_ids)] * n, max_new_tokens, None, temperature)
-    rewards = [float(r) for r in reward_fn(batch.texts)]
-    best = max(range(n), key=rewards.__getitem__)
-    return {"best": batch.texts[best], "best_reward": rewards[best], "texts": batch.texts, "rewards": rewards}
-
-
-def best_of_n_kl(n: int) -> float:
-    r"""KL of best-of-n to its sampler, :math:`\log n - (n-1)/n` (Stiennon et al. 2020);
-    an upper bound in general (Beirami et al. 2024)."""
-    return math.log(n) - (n - 1) / n

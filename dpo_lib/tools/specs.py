@@ -1,4 +1,4 @@
-"""What the VRAM planner (:mod:`dpo_lib.vram`) knows about models and GPUs.
+"""What the VRAM planner (:mod:`dpo_lib.tools.vram`) knows about models and GPUs.
 
 * :class:`ModelSpec` — the shape of a Llama-style decoder, from a ``transformers`` config, a
   preset of :data:`MODELS` (copied from the hub, so the planner works offline) or the four

@@ -13,7 +13,7 @@ r"""PPO for RLHF (Ouyang et al. 2022): the on-policy reinforcement learning that
    plus a clipped value loss (Eq. 9's :math:`L^{VF}`, clipped as in OpenAI baselines).
 
 The score comes from a function of the decoded responses or from a
-:class:`dpo_lib.rlhf.RewardModel`. Shapes as in :mod:`dpo_lib.rlhf`: ``B`` sequences, ``P``
+:class:`dpo_lib.rlhf.reward_model.RewardModel`. Shapes as in :mod:`dpo_lib.rlhf`: ``B`` sequences, ``P``
 prompt tokens (left-padded), ``R`` response tokens (right-padded after EOS), ``T = P + R``,
 ``V`` vocabulary, ``H`` hidden size. Per-token rollout tensors are ``(B, R)``.
 """
@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from dpo_lib.logprobs import token_logprobs
-from dpo_lib.rlhf import (RewardModel, entropy_from_logits, last_index, left_pad, mask_after_eos, masked_mean,
-                          masked_whiten, position_ids_from_mask)
+from dpo_lib.rlhf.masks import (entropy_from_logits, last_index, left_pad, mask_after_eos, masked_mean,
+    masked_whiten, position_ids_from_mask)
+from dpo_lib.rlhf.reward_model import RewardModel
 
 
 # ------------------------------------------------------------------ policy with a value head
@@ -264,7 +265,7 @@ class PPOTrainer:
     :class:`RewardModel` reading prompt + response (same tokenizer as the policy).
 
     ``reward_suffix_ids`` (with a reward model): token ids that close each response before it is
-    scored, e.g. the chat template's end of turn (:func:`dpo_lib.rlhf.end_of_turn_ids`), so the reward
+    scored, e.g. the chat template's end of turn (:func:`dpo_lib.rlhf.reward_model.end_of_turn_ids`), so the reward
     model reads responses exactly as it saw them in its training pairs, finished or cut at ``max_new_tokens``."""
     def __init__(self, policy: PolicyWithValue, ref_model, tokenizer, config: PPOConfig | None = None,
                  reward_fn=None, reward_model: RewardModel | None = None, reward_suffix_ids=None):

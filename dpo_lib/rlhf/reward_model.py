@@ -5,11 +5,11 @@ r"""RLHF, the pipeline DPO replaces: a reward model, then on-policy reinforcemen
    (this module: :class:`RewardModel`, :func:`reward_model_loss`).
 2. **PPO** against that reward with a KL penalty to the reference policy, the objective DPO
    solves in closed form: rollouts, KL-shaped rewards, GAE and the clipped losses are in
-   :mod:`dpo_lib.ppo`.
+   :mod:`dpo_lib.rlhf.ppo`.
 
-Lesson 04 runs both beside DPO at CPU scale with the helpers of :mod:`dpo_lib.small_rlhf`
+Lesson 04 runs both beside DPO at CPU scale with the helpers of :mod:`dpo_lib.rlhf`
 (a frozen trunk shared by every model that trains only its top blocks, cached features,
-evaluation by sampling, best-of-N) and measures memory with :mod:`dpo_lib.memory`.
+evaluation by sampling, best-of-N) and measures memory with :mod:`dpo_lib.tools.memory`.
 
 This module also holds the mask and padding helpers that the reward model and PPO share, and
 :func:`end_of_turn_ids`, the tokens that close a response as the reward model saw it in training.
@@ -27,53 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpo_lib.data import tokenize_pair
-
-
-# ------------------------------------------------------------------ masks and small helpers
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over the positions where ``mask`` is 1 (a scalar)."""
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """``(x - mean) / std`` over the masked positions; masked-out positions become 0."""
-    mean = masked_mean(x, mask)
-    return (x - mean) * torch.rsqrt(masked_mean((x - mean) ** 2, mask) + eps) * mask.to(x.dtype)
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions 0, 1, ... counted over attended tokens only, so left padding does not shift them."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)        # (B, T)
-
-
-def last_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last 1 in each row of ``mask`` (works for left and right padding). ``(B,)``"""
-    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
-    return torch.where(mask.bool(), positions, -1).max(-1).values.clamp(min=0)
-
-
-def mask_after_eos(response_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 up to and including the first EOS of each row, 0 after it. ``(B, R)`` long."""
-    is_eos = (response_ids == eos_token_id).long()                      # (B, R)
-    eos_before = is_eos.cumsum(-1) - is_eos                             # EOS strictly before t
-    return (eos_before == 0).long()
-
-
-def left_pad(sequences, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad a list of token-id lists (or 1-D tensors). Returns ``(ids, attention_mask)``, ``(B, P)``."""
-    seqs = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
-    width = max(len(s) for s in seqs)
-    ids = torch.stack([F.pad(s, (width - len(s), 0), value=pad_token_id) for s in seqs])
-    mask = torch.stack([F.pad(torch.ones_like(s), (width - len(s), 0)) for s in seqs])
-    return ids, mask
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    r"""Per-token entropy :math:`\operatorname{logsumexp}(l) - \sum_v p_v l_v` of ``(B, T, V)`` logits,
-    one sequence at a time: the largest temporary is ``(T, V)``, not a second ``(B, T, V)``."""
-    rows = [torch.logsumexp(row, -1) - (torch.softmax(row, -1) * row).sum(-1) for row in logits]
-    return torch.stack(rows)                                            # (B, T)
+from dpo_lib.rlhf.masks import last_index, position_ids_from_mask
 
 
 # ------------------------------------------------------------------ reward model (Bradley–Terry)
@@ -137,3 +91,32 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     if completion[:len(body)] != body:
         raise ValueError("the chat template changes the tokens of the assistant's text; cannot find its suffix")
     return completion[len(body):]
+
+
+def train_reward_head(reward_model: RewardModel, chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor,
+                      epochs: int = 200, lr: float = 1e-2, weight_decay: float = 0.0) -> list[dict]:
+    r"""Fit the linear head of a :class:`RewardModel` whose backbone stays frozen, on cached pooled
+    features ``(N, H)`` (:func:`pair_logps_and_hidden`): full-batch AdamW on the
+    Bradley–Terry loss. The head starts at zero, so every reward is 0 and the first loss is
+    exactly :math:`\ln 2`. Returns ``{"loss", "accuracy"}`` per epoch, measured before its update.
+
+    Afterwards the head is rescaled so that the rewards of all the training responses have mean 0
+    and standard deviation 1 (an affine change: the ranking, hence the accuracy, is unchanged)."""
+    head = reward_model.head
+    chosen_hidden, rejected_hidden = chosen_hidden.to(head.weight.device), rejected_hidden.to(head.weight.device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    history = []
+    for _ in range(epochs):
+        loss, accuracy = reward_model_loss(head(chosen_hidden).squeeze(-1), head(rejected_hidden).squeeze(-1))
+        history.append({"loss": float(loss.detach()), "accuracy": float(accuracy)})
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        scores = head(torch.cat([chosen_hidden, rejected_hidden])).squeeze(-1)      # (2N,)
+        std = scores.std().clamp(min=1e-8)
+        head.weight /= std
+        head.bias.copy_((head.bias - scores.mean()) / std)
+    return history

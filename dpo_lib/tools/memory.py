@@ -6,7 +6,7 @@
 * :func:`peak_memory_bytes` — the peak over the whole life of the process (``python -m dpo_lib
   bench`` runs each trainer in a fresh process and reads it at the end).
 * :func:`measure_saved_activations` — the bytes autograd saves for the backward pass, to check
-  the activation formula of :mod:`dpo_lib.vram` on any device.
+  the activation formula of :mod:`dpo_lib.tools.vram` on any device.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """One run of one trainer for ``python -m dpo_lib bench``, in a fresh process.
 
-The parent (:mod:`dpo_lib.bench`) writes a spec (model, pairs, steps, settings, ``impl``: ``trl`` or
-``dpo_lib``) to a JSON file and runs ``python -m dpo_lib.bench --child SPEC OUT``; :func:`child`
+The parent (:mod:`dpo_lib.tools.bench`) writes a spec (model, pairs, steps, settings, ``impl``: ``trl`` or
+``dpo_lib``) to a JSON file and runs ``python -m dpo_lib.tools.bench SPEC OUT``; :func:`child`
 loads the model, trains, and returns the timings, losses, token counts and peak memory that the
 parent writes to ``OUT``. What is timed, and how the two trainers are set up, is described in
-:mod:`dpo_lib.bench`.
+:mod:`dpo_lib.tools.bench`.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ class PolicyAsReference:
     def __call__(self, batch: dict):
         import torch
 
-        from .data import batch_to
-        from .logprobs import concatenated_forward
+        from dpo_lib.data import batch_to
+        from dpo_lib.logprobs import concatenated_forward
         was_training = self.model.training
         self.model.eval()
         try:
@@ -66,9 +66,9 @@ class PolicyAsReference:
 
 
 def run_dpo_lib(spec: dict, model, tokenizer) -> dict:
-    from .data import tokenize_rows
-    from .reference import precompute_reference_logps
-    from .trainer import DPOTrainer, TrainConfig
+    from dpo_lib.data import tokenize_rows
+    from dpo_lib.reference import precompute_reference_logps
+    from dpo_lib.trainer import DPOTrainer, TrainConfig
 
     pad = tokenizer.pad_token_id
     t0 = time.perf_counter()
@@ -82,7 +82,8 @@ def run_dpo_lib(spec: dict, model, tokenizer) -> dict:
     config = TrainConfig(beta=spec["beta"], learning_rate=spec["learning_rate"], batch_size=spec["batch_size"],
                          grad_accum=spec["batch_size"] // micro, max_steps=spec["steps"], warmup_ratio=0.0,
                          schedule="constant", weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"],
-                         print_every=0, shuffle=False, sort_by_length=True, compact_lm_head=True)
+                         print_every=0, shuffle=False, sort_by_length=True, compact_lm_head=True,
+                         precision="fp32")  # bf16: autocast by the Accelerator below
     accelerator = None
     if spec["device"] == "cuda" or spec["dtype"] == "bf16":
         from accelerate import Accelerator
@@ -161,9 +162,9 @@ def child(spec: dict) -> dict:
     """One run of one trainer, in this (fresh) process."""
     import torch
 
-    from .memory import peak_memory_bytes, rss_bytes
-    from .models import load_model
-    from .perf import dpo_step_flops, model_shape
+    from dpo_lib.tools.memory import peak_memory_bytes, rss_bytes
+    from dpo_lib.models import load_model
+    from dpo_lib.tools.flops import dpo_step_flops, model_shape
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])

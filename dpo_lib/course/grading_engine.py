@@ -1,9 +1,9 @@
-"""The grading machinery behind :mod:`dpo_lib.grading`: a :class:`Grader` compares a learner's
+"""The grading machinery behind :mod:`dpo_lib.course.graders`: a :class:`Grader` compares a learner's
 function with a reference on seeded random cases and names the likely mistake when they differ,
 by finding the known-wrong variant (:class:`Mistake`) the learner's outputs agree with.
 
 :class:`HarnessGrader` calls every function through a small harness (a tokenizer, a tiny model,
-an optimizer built from the case), for the graders of lessons 02 and 03 (:mod:`dpo_lib.grading_lm`).
+an optimizer built from the case), for the graders of lessons 02 and 03 (:mod:`dpo_lib.course.graders_lm`).
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from dpo_lib.bandit import optimal_policy
-from dpo_lib.grader import BETAS, Grader, HarnessGrader, Mistake, _gather  # noqa: F401 (HarnessGrader re-exported)
-from dpo_lib.grading_lm import (  # noqa: F401 (lessons 02 and 03: the check cells import them from here)
+from dpo_lib.course.bandit import optimal_policy
+from dpo_lib.course.grading_engine import BETAS, Grader, HarnessGrader, Mistake, _gather  # noqa: F401 (HarnessGrader re-exported)
+from dpo_lib.course.graders_lm import (  # noqa: F401 (lessons 02 and 03: the check cells import them from here)
     LM_GRADERS, check_concatenated_logps, check_dpo_train_step, check_reference_logps, check_split_prompt_completion,
     reference_concatenated_logps, reference_dpo_train_step, reference_reference_logps,
     reference_split_prompt_completion,
@@ -277,7 +277,7 @@ GRADERS: dict[str, Grader] = {
                                 ("logits", "input_ids", "completion_mask"), ("logps",), SEQUENCE_MISTAKES),
     "completion_mask": Grader("completion_mask", reference_completion_mask, _mask_case,
                               ("attention_mask", "prompt_lengths"), ("completion_mask",), MASK_MISTAKES),
-    **LM_GRADERS,  # lessons 02 and 03: dpo_lib.grading_lm
+    **LM_GRADERS,  # lessons 02 and 03: dpo_lib.course.graders_lm
 }
 
 

@@ -73,10 +73,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench_child import child, pair_tokens
+from dpo_lib.tools.bench.worker import pair_tokens
 
 LOSS_TOLERANCE = 1e-4
-REPO_DATA = Path(__file__).resolve().parent.parent / "data"
+REPO_DATA = Path(__file__).resolve().parents[3] / "data"
 
 
 def default_dataset() -> Path:
@@ -110,7 +110,7 @@ def add_arguments(p) -> None:
 
 def select_rows(tokenizer, rows: list[dict], n: int, max_length: int) -> tuple[list[dict], list[dict], int]:
     """The first ``n`` rows whose untruncated pair fits ``max_length`` (so no trainer truncates)."""
-    from .data import pair_length, tokenize_rows
+    from dpo_lib.data import pair_length, tokenize_rows
 
     features, _ = tokenize_rows(tokenizer, rows)
     keep_rows, keep_feats, skipped = [], [], 0
@@ -161,7 +161,7 @@ def _spawn(spec: dict, workdir: Path, k: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1",
                HF_DATASETS_DISABLE_PROGRESS_BARS="1", ACCELERATE_DISABLE_RICH="1")
-    done = subprocess.run([sys.executable, "-m", "dpo_lib.bench", "--child", str(spec_file), str(out_file)],
+    done = subprocess.run([sys.executable, "-m", "dpo_lib.tools.bench", str(spec_file), str(out_file)],
                           env=env, capture_output=True, text=True)
     if done.returncode != 0 or not out_file.is_file():
         raise RuntimeError(f"the {spec['impl']} run failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
@@ -176,13 +176,13 @@ def _peak_flops(args, device: str, threads: int, before: float | None = None) ->
     if device == "cuda":
         import torch
 
-        from .perf import measure_matmul_flops, peak_flops
+        from dpo_lib.tools.flops import measure_matmul_flops, peak_flops
         name = torch.cuda.get_device_name(0)
         peak = peak_flops(name)
         if peak:
             return peak, f"data sheet, {name}"
         return measure_matmul_flops(8192, dtype=torch.bfloat16, device="cuda"), f"timed bf16 matmul, {name}"
-    from .perf import measure_cpu_peak_flops
+    from dpo_lib.tools.flops import measure_cpu_peak_flops
     best = max(measure_cpu_peak_flops(threads=threads), before or 0.0)
     return best, f"timed float32 1024x1024 matmul, {threads} threads, best of before/after the runs"
 
@@ -192,8 +192,8 @@ def _fmt_bytes(n: float) -> str:
 
 
 def main(args) -> int:
-    from .data import load_preferences
-    from .models import load_tokenizer
+    from dpo_lib.data import load_preferences
+    from dpo_lib.models import load_tokenizer
 
     dataset = args.dataset or default_dataset()
     device = args.device
@@ -225,7 +225,7 @@ def main(args) -> int:
           f"{device}/{args.dtype}, {threads} threads; load average {machine.get('load_average_at_start')}")
     cpu_peak_before = None
     if device == "cpu" and not args.peak_flops:
-        from .perf import measure_cpu_peak_flops
+        from dpo_lib.tools.flops import measure_cpu_peak_flops
         cpu_peak_before = measure_cpu_peak_flops(threads=threads)
     runs: dict[str, list[dict]] = {"trl": [], "dpo_lib": []}
     with tempfile.TemporaryDirectory(prefix="dpo_lib-bench-") as tmp:
@@ -274,7 +274,7 @@ def main(args) -> int:
         "peak_memory_kind": "torch.cuda.max_memory_allocated" if device == "cuda" else "ru_maxrss of the run's process",
         "peak_flops": peak, "peak_flops_source": peak_source,
         "mfu_definition": ("model FLOPs of DPO per step (policy 6N per token + 6dV per scored token, reference "
-                           "2N + 2dV: dpo_lib.perf), the same for both trainers, over the time of tokens_per_second"),
+                           "2N + 2dV: dpo_lib.tools.flops), the same for both trainers, over the time of tokens_per_second"),
         "losses": {"trl": runs["trl"][0]["losses"], "dpo_lib": runs["dpo_lib"][0]["losses"]},
         "loss_max_abs_diff": max(diffs) if diffs else float("nan"),
         "loss_tolerance": LOSS_TOLERANCE,
@@ -307,12 +307,3 @@ def main(args) -> int:
         args.json.write_text(json.dumps(result, indent=1))
         print(f"[bench] wrote {args.json}")
     return 0
-
-
-if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        spec = json.loads(Path(sys.argv[2]).read_text())
-        Path(sys.argv[3]).write_text(json.dumps(child(spec)))
-        sys.exit(0)
-    print("usage: python -m dpo_lib bench --vs trl [--json FILE] (see --help)", file=sys.stderr)
-    sys.exit(2)

@@ -1,4 +1,4 @@
-"""Graders for lessons 02 and 03 (re-exported by :mod:`dpo_lib.grading`, where the check cells find them).
+"""Graders for lessons 02 and 03 (re-exported by :mod:`dpo_lib.course.graders`, where the check cells find them).
 
 These graders run the learner's function inside a small harness (``HarnessGrader.run``): it
 builds what the function needs from a case (a tokenizer, a tiny model, an optimizer), calls
@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from dpo_lib.grader import BETAS, Grader, HarnessGrader, Mistake, _Case, _describe, _gather
+from dpo_lib.course.grading_engine import BETAS, Grader, HarnessGrader, Mistake, _Case, _describe, _gather
 from dpo_lib.logprobs import concatenated_forward, sequence_logprobs
 from dpo_lib.losses import dpo_loss
 

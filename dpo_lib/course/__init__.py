@@ -1,0 +1,8 @@
+"""The course's own machinery: what the lessons and exercises use, not what a practitioner imports.
+
+* :mod:`~dpo_lib.course.bandit` — the preference bandit of lesson 01 (every quantity in closed form);
+* :mod:`~dpo_lib.course.mask_view` — the token-mask view of lesson 02;
+* :mod:`~dpo_lib.course.graders` (and :mod:`~dpo_lib.course.graders_lm`) — the ``check_*`` functions of
+  the exercise notebooks, built on :mod:`~dpo_lib.course.grading_engine`;
+* :mod:`~dpo_lib.course.exercises` — generates ``exercises/`` from ``solutions/``.
+"""
