@@ -54,6 +54,14 @@ from dpo_lib.reference import FrozenReference
 class NonFiniteError(RuntimeError):
     """A NaN/inf loss or gradient norm: training stopped before the bad update."""
 
+    def __init__(self, step: int, what: str, last_checkpoint: Path | None):
+        super().__init__(
+            f"step {step}: {what}; the update was not applied. "
+            + (f"Last good checkpoint: {last_checkpoint} (resume with --resume). " if last_checkpoint
+               else "No checkpoint was written. ")
+            + "Try a lower --learning-rate, a smaller --beta for IPO, float32 instead of float16, "
+              "or check the data for empty or truncated responses.")
+
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
@@ -110,13 +118,19 @@ def deferred_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
-def batch_loss(model, batch: dict, c, reference=None, device="cpu") -> tuple[torch.Tensor, dict]:
+def batch_loss(model, batch: dict, c, reference=None, device="cpu",
+               policy_is_reference: bool = False) -> tuple[torch.Tensor, dict]:
     """The DPO loss of one collated micro-batch (mean over its pairs) and its metrics, TRL's names.
 
     One forward of ``model`` over ``[chosen; rejected]`` (under ``c.precision``'s autocast); the
-    reference log-probs come from the batch (precomputed) or from ``reference(batch)`` (no_grad)."""
+    reference log-probs come from the batch (precomputed) or from ``reference(batch)`` (no_grad).
+    ``policy_is_reference`` (the first step, before any update): the policy's own log-probs,
+    detached, are the reference's, so every implicit reward is exactly 0 whatever the rounding;
+    they are written into ``batch["ref_chosen_logps"]`` / ``["ref_rejected_logps"]``."""
     with autocast(c.precision, device):
         chosen, rejected = concatenated_forward(model, batch, compact_head=c.compact_lm_head)  # (B,), (B,)
+    if policy_is_reference:
+        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = chosen.detach(), rejected.detach()
     if "ref_chosen_logps" in batch:
         ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     else:
@@ -139,6 +153,30 @@ def batch_loss(model, batch: dict, c, reference=None, device="cpu") -> tuple[tor
         "logps/rejected": rejected.detach().mean().item(),
     })
     return loss, metrics
+
+
+def step_indices(step: int, n: int, steps_per_epoch: int, batch_size: int, seed: int, shuffle: bool) -> list[int]:
+    """Pair indices of optimizer step ``step`` out of ``n``: a permutation seeded by ``seed + epoch``
+    (file order without ``shuffle``), so the position in the data is a function of the step alone
+    and a resumed run takes the same batches."""
+    epoch, k = divmod(step, steps_per_epoch)
+    order = np.random.default_rng(seed + epoch).permutation(n) if shuffle else np.arange(n)
+    return order[k * batch_size:(k + 1) * batch_size].tolist()
+
+
+def all_reduce_metrics(acc, sums: dict, tokens: int, world: int, device) -> tuple[dict, int]:
+    """Equal shards: the global mean of each metric is the mean of the processes' means; tokens add up."""
+    keys = sorted(sums)
+    packed = acc.reduce(torch.tensor([sums[k] for k in keys] + [float(tokens)], dtype=torch.float64, device=device),
+                        reduction="sum").tolist()
+    return {k: v / world for k, v in zip(keys, packed)}, int(packed[-1])
+
+
+def clip_gradients(model, max_norm: float, acc=None) -> float:
+    """Clip the gradient norm to ``max_norm``; returns the norm before clipping."""
+    if acc is not None:  # all parameters: accelerate matches them against the model's (FSDP); no-grad ones skip
+        return float(acc.clip_grad_norm_(list(model.parameters()), max_norm))
+    return float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm))
 
 
 class DPOTrainer:
@@ -185,6 +223,7 @@ class DPOTrainer:
         self.step = 0
         self.num_tokens = 0
         self.history: list[dict] = []
+        self.reference_overrides: dict[str, tuple[float, float]] = {}  # see _micro_batch_loss
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         np.random.seed(config.seed)
@@ -192,13 +231,9 @@ class DPOTrainer:
     # ------------------------------------------------------------------ data order
 
     def batch_indices(self, step: int) -> list[int]:
-        """Pair indices of optimizer step ``step``: a seeded shuffle per epoch, so the
-        position in the data is a function of the step alone (exact resume)."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        order = (np.random.default_rng(self.config.seed + epoch).permutation(len(self.features)) if self.config.shuffle
-                 else np.arange(len(self.features)))
-        bs = self.config.batch_size
-        return order[k * bs:(k + 1) * bs].tolist()
+        """Pair indices of optimizer step ``step``: :func:`step_indices`."""
+        c = self.config
+        return step_indices(step, len(self.features), self.steps_per_epoch, c.batch_size, c.seed, c.shuffle)
 
     def local_indices(self, step: int) -> list[int]:
         """This process's pairs of step ``step``: all of them on one process; with ``sort_by_length``,
@@ -215,6 +250,22 @@ class DPOTrainer:
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         """Loss of one collated micro-batch and its metrics (TRL names): :func:`batch_loss`."""
         return batch_loss(self.model, batch, self.config, self.reference, self.device)
+
+    def _micro_batch_loss(self, batch: dict, idx: list[int]) -> tuple[torch.Tensor, dict]:
+        """:meth:`compute_loss`; at step 0 with precomputed reference log-probs (one process), the
+        policy is the reference: its log-probs of these pairs, taken in the training batch layout,
+        replace the precomputed ones (they differed by rounding only, e.g. ~1e-4 nats under bf16,
+        where the padding differs), so the first step's rewards are exactly 0 and later epochs see
+        the same values. The replaced values go into checkpoints (exact resume)."""
+        first = self.step == 0 and self.reference is None and self.world == 1
+        if not first:
+            return self.compute_loss(batch)
+        loss, m = batch_loss(self.model, batch, self.config, self.reference, self.device, policy_is_reference=True)
+        if first:
+            for i, c, r in zip(idx, batch["ref_chosen_logps"].tolist(), batch["ref_rejected_logps"].tolist()):
+                self.features[i]["ref_chosen_logps"], self.features[i]["ref_rejected_logps"] = c, r
+                self.reference_overrides[str(i)] = (c, r)
+        return loss, m
 
     def train_step(self) -> dict:
         """One optimizer step: forward and backward over the step's micro-batches, clip, update, schedule."""
@@ -251,7 +302,7 @@ class DPOTrainer:
             last = a == c.grad_accum - 1  # DDP: all-reduce the gradients once, after the last micro-batch
             with (acc.no_sync(self.model) if acc is not None and self.world > 1 and not last else nullcontext()):
                 with (acc.autocast() if acc is not None else nullcontext()):
-                    loss, m = self.compute_loss(batch)
+                    loss, m = self._micro_batch_loss(batch, idx[a * micro:(a + 1) * micro])
                 if self.world == 1 and not math.isfinite(m["loss"]):
                     self._stop(f"non-finite loss ({m['loss']})")
                 scaled = loss / c.grad_accum  # equal micro-batches: the mean over the whole step
@@ -261,35 +312,20 @@ class DPOTrainer:
         return sums, tokens
 
     def _all_reduce(self, sums: dict, tokens: int) -> tuple[dict, int]:
-        """Equal shards: the global mean is the mean of the processes' means; tokens add up."""
-        keys = sorted(sums)
-        packed = self.accelerator.reduce(torch.tensor([sums[k] for k in keys] + [float(tokens)], dtype=torch.float64,
-                                                      device=self.device), reduction="sum").tolist()
-        sums = {k: v / self.world for k, v in zip(keys, packed)}
+        sums, tokens = all_reduce_metrics(self.accelerator, sums, tokens, self.world, self.device)
         if not math.isfinite(sums["loss"]):
             self._stop(f"non-finite loss ({sums['loss']})")
-        return sums, int(packed[-1])
+        return sums, tokens
 
     def _clip(self) -> float:
-        """Clip the gradient norm to ``max_grad_norm``; a NaN/inf norm stops before the update."""
-        max_norm, acc = self.config.max_grad_norm, self.accelerator
-        if acc is not None:  # all parameters: accelerate matches them against the model's (FSDP); no-grad ones skip
-            grad_norm = float(acc.clip_grad_norm_(list(self.model.parameters()), max_norm))
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                                             max_norm))
+        grad_norm = clip_gradients(self.model, self.config.max_grad_norm, self.accelerator)
         if not math.isfinite(grad_norm):
-            self._stop(f"non-finite gradient norm ({grad_norm})")
+            self._stop(f"non-finite gradient norm ({grad_norm})")  # before the update
         return grad_norm
 
     def _stop(self, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        last = self.latest_checkpoint()
-        raise NonFiniteError(
-            f"step {self.step + 1}: {what}; the update was not applied. "
-            + (f"Last good checkpoint: {last} (resume with --resume). " if last else "No checkpoint was written. ")
-            + "Try a lower --learning-rate, a smaller --beta for IPO, float32 instead of float16, "
-              "or check the data for empty or truncated responses.")
+        raise NonFiniteError(self.step + 1, what, self.latest_checkpoint())
 
     # ------------------------------------------------------------------ loop
 
@@ -324,10 +360,8 @@ class DPOTrainer:
         return self.history
 
     def _resume(self) -> None:
-        last = self.latest_checkpoint()
-        if last is None:
-            print(f"[dpo_lib] --resume: no checkpoint in {self.out}, starting from step 0")
-            return
+        if (last := self.latest_checkpoint()) is None:
+            return print(f"[dpo_lib] --resume: no checkpoint in {self.out}, starting from step 0")
         self.load_checkpoint(last)
         print(f"[dpo_lib] resumed from {last} (step {self.step}/{self.total_steps})")
 
@@ -349,6 +383,7 @@ class DPOTrainer:
         final = root / f"step-{self.step:06d}"
         if self.is_main:
             state = checkpoints.trainer_state(self.step, self.num_tokens, self.config, self.history)
+            state["reference_overrides"] = self.reference_overrides
             final = checkpoints.write_checkpoint(root, self._unwrapped(), self.optimizer, self.scheduler, state,
                                                  self.config.keep_checkpoints)
         if acc is not None and self.world > 1:
@@ -358,5 +393,8 @@ class DPOTrainer:
     def load_checkpoint(self, path: Path) -> None:
         meta = checkpoints.read_checkpoint(path, self._unwrapped(), self.optimizer, self.scheduler)
         self.step, self.num_tokens, self.history = meta["step"], meta["num_tokens"], meta["history"]
+        self.reference_overrides = meta.get("reference_overrides", {})
+        for i, (c, r) in self.reference_overrides.items():
+            self.features[int(i)]["ref_chosen_logps"], self.features[int(i)]["ref_rejected_logps"] = c, r
         if self.out and self.is_main:  # drop lines logged after this checkpoint
             MetricsLogger.truncate(self.out, self.step)

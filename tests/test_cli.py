@@ -76,6 +76,9 @@ def test_train_writes_every_artifact(tiny_setup, precision):
     assert summary["heldout_accuracy_before"] == 0.0  # policy == reference: every implicit reward is 0
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 6 and abs(lines[0]["loss"] - 0.693147) < 1e-5
+    # step 1: the policy is the reference, so every reward is exactly 0 in either precision
+    assert lines[0]["rewards/chosen"] == lines[0]["rewards/rejected"] == lines[0]["rewards/margins"] == 0.0
+    assert lines[0]["rewards/accuracies"] == 0.0
     card = json.loads((out / "run_card.json").read_text())
     assert card["seed"] == 0 and len(card["data_sha256_16"]) == 16 and "torch" in card["versions"]
     assert card["config"]["precision"] == precision
@@ -131,3 +134,92 @@ def test_bad_data_exits_2_without_traceback(tiny_setup, tmp_path):
     res = cli(*train_args(d, model, bad, test, tmp_path / "o"))
     assert res.returncode == 2 and f"{bad}:5: empty chosen response" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+BAD_FLAGS = [
+    (("--beta", "-1"), "--beta", "must be > 0"),
+    (("--batch-size", "0"), "--batch-size", "must be >= 1"),
+    (("--learning-rate", "-0.1"), "--learning-rate", "must be > 0"),
+    (("--grad-accum", "3"), "--grad-accum", "must divide --batch-size 8"),
+    (("--label-smoothing", "0.5"), "--label-smoothing", "must be in [0.0, 0.5)"),
+    (("--max-prompt-length", "200"), "--max-prompt-length", "must be < --max-length 160"),
+    (("--warmup-ratio", "1.5"), "--warmup-ratio", "must be in [0.0, 1.0)"),
+    (("--dataset", "no-such-file.jsonl"), "--dataset", "no such file"),
+    (("--dataset", "."), "--dataset", "not a file"),
+    (("--out", "README.md"), "--out", "exists and is not a folder"),
+    (("--resume",), "--resume", "needs the --out folder"),
+]
+
+
+@pytest.mark.parametrize("flags,flag,what", BAD_FLAGS, ids=[f[1] + "=" + f[0][-1] for f in BAD_FLAGS])
+def test_bad_train_flag_is_one_line_exit_2_and_loads_nothing(flags, flag, what):
+    """Checked before torch is even imported (so no model can have been loaded)."""
+    code = ("import sys; from dpo_lib.cli import main; rc = main(sys.argv[1:]); "
+            "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(rc)")
+    res = subprocess.run([sys.executable, "-c", code, "train", *flags], capture_output=True, text=True, timeout=60,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and res.stderr.startswith(f"error: {flag}: {what}")
+    assert "torch not loaded" in res.stdout
+
+
+def test_bad_pairs_flags(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}])
+    for flags, message in [(("--prompts", tmp_path / "nope.jsonl"), "error: --prompts: no such file"),
+                           (("--prompts", prompts, "-n", 1), "error: --num-samples: must be >= 2"),
+                           (("--prompts", prompts, "--temperature", 0), "error: --temperature: must be > 0")]:
+        res = cli("pairs", "--out", tmp_path / "o.jsonl", *flags)
+        assert res.returncode == 2 and res.stderr.startswith(message), res.stderr
+
+
+def _long_run(d, model, train, test, out, *extra):
+    return train_args(d, model, train, test, out, "--save-every", 2, "--no-eval", "--precision", "fp32",
+                      "--max-steps", 60, *extra)
+
+
+def test_second_run_into_a_live_runs_folder_is_refused_and_a_killed_run_frees_it(tiny_setup):
+    d, model, train, test = tiny_setup
+    out = d / "busy"
+    first = _start(*_long_run(d, model, train, test, out))
+    _wait_for_checkpoint(first, out)
+    second = cli(*_long_run(d, model, train, test, out))
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+    assert second.returncode == 2 and f"{out} is in use by another run (pid {first.pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.returncode == -9, "the first run ended before the second started; nothing was tested"
+    res = cli(*_long_run(d, model, train, test, out, "--resume"))  # the lock died with its process
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_resume_with_other_settings_is_refused_unless_forced(tiny_setup):
+    d, model, train, test = tiny_setup
+    out = d / "changed"
+    proc = _start(*_long_run(d, model, train, test, out))
+    _wait_for_checkpoint(proc, out)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    res = cli(*_long_run(d, model, train, test, out, "--resume", "--learning-rate", 2e-3, "--beta", 0.2))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "--learning-rate 0.001 (now 0.002)" in res.stderr and "--beta 0.1 (now 0.2)" in res.stderr
+    assert not (out / "final").exists()
+    res = cli(*_long_run(d, model, train, test, out, "--resume", "--print-every", 3))  # does not change the result
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_ctrl_c_saves_says_how_to_resume_exits_130_and_resumes_exactly(tiny_setup):
+    d, model, train, test = tiny_setup
+    straight, broken = d / "straight-int", d / "interrupted"
+    assert cli(*_long_run(d, model, train, test, straight)).returncode == 0
+    proc = _start(*_long_run(d, model, train, test, broken))
+    _wait_for_checkpoint(proc, broken)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted after step" in err and "--resume" in err and "Traceback" not in err
+    assert not (broken / "final").exists()
+    res = cli(*_long_run(d, model, train, test, broken, "--resume"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = load_file(straight / "final" / "model.safetensors")
+    b = load_file(broken / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
