@@ -1,4 +1,4 @@
-"""``python -m dpo_lib COMMAND``: train, pairs, validate, exercises, bench.
+"""``python -m dpo_lib COMMAND``: train, pairs, validate, exercises, colab, bench.
 
 The ``train`` flags are built from :class:`dpo_lib.config.TrainConfig` and
 :class:`dpo_lib.config.JobConfig`, whose checks run before anything heavy is imported: a bad
@@ -31,7 +31,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dpo_lib",
                                      description="Direct Preference Optimization, small and tested.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,pairs,validate,exercises,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,pairs,validate,exercises,colab,bench}")
 
     t = sub.add_parser("train", help="DPO-train a model on preference pairs (default: the embedded model on the "
                                      "bundled sentiment pairs)")
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("exercises", help="generate exercises/ from solutions/ (or --check they are in sync)")
     e.add_argument("rest", nargs=argparse.REMAINDER)
+    c = sub.add_parser("colab", help="write the Colab badges, links and install cells from [project.urls] "
+                                     "(or --check they are up to date)")
+    c.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -209,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["exercises"]:  # its own options (--check, --solutions, --exercises) pass straight through
         from dpo_lib.course.exercises import main as exercises_main
         return exercises_main(argv[1:])
+    if argv[:1] == ["colab"]:
+        from dpo_lib.course.colab import main as colab_main
+        return colab_main(argv[1:])
     args = build_parser().parse_args(argv)
     check, command = COMMANDS[args.command]
     try:
