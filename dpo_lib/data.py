@@ -271,14 +271,30 @@ def data_hash(rows: Iterable[dict]) -> str:
     return h.hexdigest()[:16]
 
 
+def token_ids_hash(features: Iterable[dict]) -> str:
+    """A short SHA-256 of tokenized pairs' ``prompt_ids``, ``chosen_ids``, ``rejected_ids``: the key of
+    the reference log-prob cache, and the bench's check that two trainers scored the same tokens."""
+    h = hashlib.sha256()
+    for f in features:
+        h.update(json.dumps([list(f["prompt_ids"]), list(f["chosen_ids"]), list(f["rejected_ids"])]).encode())
+    return h.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------- tokenization
 
 def _encode(tokenizer, value: str | list, **template_kwargs) -> list[int]:
-    """Token ids of a string (tokenizer's own special tokens added) or of messages (template)."""
+    """Token ids of a string (tokenizer's own special tokens added) or of messages (the chat
+    template, tokenized by it: the one place the library applies it, so it is applied once)."""
     if isinstance(value, list):
         out = tokenizer.apply_chat_template(value, tokenize=True, return_dict=True, **template_kwargs)
         return list(out["input_ids"])
     return list(tokenizer(value)["input_ids"])
+
+
+def encode_prompt(tokenizer, prompt: str | list) -> list[int]:
+    """Token ids of a prompt as the model sees it at generation time: messages end with the
+    template's assistant header (``add_generation_prompt=True``), as in :func:`tokenize_pair`."""
+    return _encode(tokenizer, prompt, add_generation_prompt=True)
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:

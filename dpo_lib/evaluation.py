@@ -8,8 +8,8 @@
   reference of :mod:`dpo_lib.reference` (for LoRA: the same model with its adapter off).
 * :func:`mean_and_se` / :func:`win_rate` — the ground-truth reward of sampled completions,
   with standard errors, and how often the policy beats the reference on the same prompt.
-* :func:`sequence_kl` — a Monte-Carlo estimate of
-  :math:`\\mathrm{KL}(\\pi_\\theta\\|\\pi_\\text{ref}) = \\mathbb E_{y\\sim\\pi_\\theta}[\\log\\pi_\\theta(y|x)-\\log\\pi_\\text{ref}(y|x)]`
+* :func:`sequence_kl` — a Monte-Carlo estimate of :math:`\\mathrm{KL}(\\pi_\\theta\\|\\pi_\\text{ref})
+  = \\mathbb E_{y\\sim\\pi_\\theta}[\\log\\pi_\\theta(y|x)-\\log\\pi_\\text{ref}(y|x)]`
   from the policy's own samples (sequence level, in nats), with its standard error; the
   reference is a model or a reference of :mod:`dpo_lib.reference` (e.g. a LoRA policy's base).
 * :func:`side_by_side` — a Markdown table of reference and policy samples.

@@ -12,7 +12,10 @@ double-quantised block constants, and computes in bf16/fp16; only the adapters a
 full precision. It needs bitsandbytes and a CUDA GPU (the ``gpu`` extra:
 ``pip install 'dpo_lib[gpu]'``).
 
-* :func:`pick_dtype` — bf16 where the GPU supports it, else fp16 on CUDA, fp32 on a CPU.
+* :func:`pick_dtype` — bf16 where the GPU supports it, else fp16 on CUDA, fp32 on a CPU
+  (the rule of :mod:`dpo_lib.precision`, imported from there).
+* :data:`LINEAR_MODULES` / :data:`ALL_LINEAR` — the decoder's linear layers, which LoRA adapts
+  (the VRAM planner counts its parameters from the same names).
 * :func:`make_lora_model` — wrap a model with peft LoRA adapters (dropout 0 by default:
   DPO wants deterministic policy and reference).
 * :func:`load_4bit_model` — the QLoRA base (GPU only; a clear error otherwise).
@@ -34,19 +37,15 @@ from pathlib import Path
 import torch
 
 from dpo_lib.models import disable_dropout, load_tokenizer, resolve_model
-from dpo_lib.tools.specs import ALL_LINEAR  # one definition, shared with the VRAM planner
+from dpo_lib.precision import pick_dtype  # re-exported: notebooks call lora.pick_dtype
+
+# the linear layers of a Llama-style decoder block; "all-linear" is peft's name for all of them (LM head excluded)
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"
 
 
 class QLoRAUnavailable(RuntimeError):
     """4-bit loading needs a CUDA GPU and bitsandbytes; the message says which one is missing."""
-
-
-def pick_dtype(device: str | torch.device | None = None) -> torch.dtype:
-    """bf16 on a GPU that supports it, fp16 on other CUDA GPUs (T4, V100), fp32 on a CPU."""
-    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    if not cuda:
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -141,5 +140,5 @@ def merge_and_save(peft_model, out_dir: str | os.PathLike, tokenizer=None) -> Pa
     return out
 
 
-__all__ = ["QLoRAUnavailable", "check_qlora_available", "is_4bit", "load_4bit_model", "make_lora_model",
-           "merge_and_save", "pick_dtype", "trainable_parameters"]
+__all__ = ["ALL_LINEAR", "LINEAR_MODULES", "QLoRAUnavailable", "check_qlora_available", "is_4bit", "load_4bit_model",
+           "make_lora_model", "merge_and_save", "pick_dtype", "trainable_parameters"]

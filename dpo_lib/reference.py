@@ -7,7 +7,8 @@
 * :class:`AdapterDisabledReference` — for LoRA (peft): the base model *is* the reference,
   so run the policy with its adapter disabled. No second copy at all.
 * :func:`precompute_reference_logps` — run either of the above once over the dataset and
-  store the two numbers per pair (cached on disk per dataset and model). Training then
+  store the two numbers per pair (cached on disk, keyed by the model and
+  :func:`dpo_lib.data.token_ids_hash` of the token ids). Training then
   needs no reference forward at all: one forward per step instead of two.
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dpo_lib.data import collate, length_sorted_batches
+from dpo_lib.data import collate, length_sorted_batches, token_ids_hash
 from dpo_lib.logprobs import concatenated_forward
 
 
@@ -67,13 +68,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _features_key(features: list[dict]) -> str:
-    h = hashlib.sha256()
-    for f in features:
-        h.update(json.dumps([f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]]).encode())
-    return h.hexdigest()[:16]
-
-
 def precompute_reference_logps(reference, features: list[dict], pad_token_id: int, batch_size: int = 8,
                                cache_dir: str | Path | None = None, model_key: str | None = None,
                                desc: str = "reference log-probs") -> list[dict]:
@@ -84,7 +78,7 @@ def precompute_reference_logps(reference, features: list[dict], pad_token_id: in
     """
     cache_file = None
     if cache_dir is not None and model_key is not None:
-        cache_file = Path(cache_dir) / f"ref_logps-{model_key}-{_features_key(features)}.json"
+        cache_file = Path(cache_dir) / f"ref_logps-{model_key}-{token_ids_hash(features)}.json"
         if cache_file.is_file():
             values = json.loads(cache_file.read_text())
             if len(values) == len(features):

@@ -11,13 +11,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-
-def encode_prompt(tokenizer, prompt: str | list) -> list[int]:
-    """Token ids of a prompt as the model sees it at generation time."""
-    if isinstance(prompt, list):
-        out = tokenizer.apply_chat_template(prompt, tokenize=True, return_dict=True, add_generation_prompt=True)
-        return list(out["input_ids"])
-    return list(tokenizer(prompt)["input_ids"])
+from dpo_lib.data import encode_prompt  # the chat template lives in dpo_lib.data; notebooks import it from here
 
 
 @torch.no_grad()

@@ -6,9 +6,9 @@ import pytest
 
 pytest.importorskip("trl", reason="the bench compares with TRL (dev extra)")
 
-from dpo_lib.cli import main  # noqa: E402
-
 from _tiny import save_tiny, toy_rows, write_jsonl  # noqa: E402
+
+from dpo_lib.cli import main  # noqa: E402
 
 
 def test_bench_runs_both_trainers_and_writes_json(tmp_path, capsys):

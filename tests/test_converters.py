@@ -8,8 +8,14 @@ from pathlib import Path
 import pytest
 
 from dpo_lib import hub_datasets as converters
-from dpo_lib.hub_datasets import (HUB_DATASETS, convert_helpsteer3, convert_hh_rlhf, convert_ultrafeedback,
-    load_hub_preferences, parse_hh_transcript)
+from dpo_lib.hub_datasets import (
+    HUB_DATASETS,
+    convert_helpsteer3,
+    convert_hh_rlhf,
+    convert_ultrafeedback,
+    load_hub_preferences,
+    parse_hh_transcript,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hub"
 

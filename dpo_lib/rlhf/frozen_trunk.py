@@ -1,15 +1,13 @@
-r"""PPO beside DPO at CPU scale: the helpers of lesson 04.
+r"""PPO beside DPO at CPU scale (lesson 04): a frozen trunk that every model shares.
 
 * one frozen pass over the pairs gives the reward model's features and DPO's reference
-  log-probs (:func:`pair_logps_and_hidden`), and a reward head trains on those features alone
-  (:func:`train_reward_head`);
+  log-probs (:func:`pair_logps_and_hidden`); a reward head then trains on those features alone
+  (:func:`dpo_lib.rlhf.reward_model.train_reward_head`);
 * a frozen trunk shared and memoised by every model that trains only its top blocks
-  (:func:`train_only_top_blocks`, :class:`FrozenTrunk`, :class:`TopBlocksLM`);
-* evaluation by sampling (:func:`sample_and_score`), an unbiased best-of-N estimate
-  (:func:`expected_best_of_n`), and best-of-N itself with its KL bound (:func:`best_of_n`,
-  :func:`best_of_n_kl`).
+  (:func:`train_only_top_blocks`, :class:`FrozenTrunk`, :class:`TopBlocksLM`).
 
-Memory is measured with :mod:`dpo_lib.tools.memory` (:func:`~dpo_lib.tools.memory.megabytes`,
+Evaluation by sampling and best-of-N are in :mod:`dpo_lib.rlhf.best_of_n`. Memory is measured
+with :mod:`dpo_lib.tools.memory` (:func:`~dpo_lib.tools.memory.megabytes`,
 :class:`~dpo_lib.tools.memory.PeakMemory`).
 """
 

@@ -27,8 +27,15 @@ import torch
 from torch import nn
 
 from dpo_lib.logprobs import token_logprobs
-from dpo_lib.rlhf.masks import (entropy_from_logits, last_index, left_pad, mask_after_eos, masked_mean,
-    masked_whiten, position_ids_from_mask)
+from dpo_lib.rlhf.masks import (
+    entropy_from_logits,
+    last_index,
+    left_pad,
+    mask_after_eos,
+    masked_mean,
+    masked_whiten,
+    position_ids_from_mask,
+)
 from dpo_lib.rlhf.reward_model import RewardModel
 
 

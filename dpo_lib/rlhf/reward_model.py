@@ -7,12 +7,14 @@ r"""RLHF, the pipeline DPO replaces: a reward model, then on-policy reinforcemen
    solves in closed form: rollouts, KL-shaped rewards, GAE and the clipped losses are in
    :mod:`dpo_lib.rlhf.ppo`.
 
-Lesson 04 runs both beside DPO at CPU scale with the helpers of :mod:`dpo_lib.rlhf`
-(a frozen trunk shared by every model that trains only its top blocks, cached features,
-evaluation by sampling, best-of-N) and measures memory with :mod:`dpo_lib.tools.memory`.
+Lesson 04 runs both beside DPO at CPU scale with :mod:`dpo_lib.rlhf.frozen_trunk` (a frozen
+trunk shared by every model that trains only its top blocks, cached features) and
+:mod:`dpo_lib.rlhf.best_of_n` (evaluation by sampling, best-of-N), and measures memory with
+:mod:`dpo_lib.tools.memory`.
 
-This module also holds the mask and padding helpers that the reward model and PPO share, and
-:func:`end_of_turn_ids`, the tokens that close a response as the reward model saw it in training.
+This module also holds :func:`train_reward_head` (a reward head on cached features) and
+:func:`end_of_turn_ids`, the tokens that close a response as the reward model saw it in training;
+the mask and padding helpers it shares with PPO are in :mod:`dpo_lib.rlhf.masks`.
 
 Shapes: ``B`` sequences, ``P`` prompt tokens (left-padded), ``R`` response tokens (right-padded
 after EOS), ``T = P + R``, ``V`` vocabulary, ``H`` hidden size. Per-token rollout tensors are ``(B, R)``.

@@ -11,6 +11,10 @@ plus the attention scores, :math:`2 \cdot n_{layer} \cdot n_{ctx} \cdot d` per t
 which we leave out (a few percent at the course's lengths; pass ``attention_context`` to add
 it, times 3 for forward + backward).
 
+``N``, ``d``, ``V`` and the layer count come from :class:`dpo_lib.tools.specs.ModelSpec`
+(:func:`~dpo_lib.tools.specs.model_spec` of a model or its config; :func:`non_embedding_params`
+counts ``N`` from a module's parameters instead).
+
 The LM head (a ``d x V`` matrix, tied to the input embedding in SmolLM2) is *not* in ``N``:
 it costs :math:`2dV` per position where it runs (forward) and :math:`4dV` in the backward.
 DPO needs it only on the positions that score a completion token, ``scored`` of them
@@ -31,8 +35,9 @@ is the same, which is why the bench (:mod:`dpo_lib.tools.bench`) charges it to t
 
 MFU = achieved model FLOP/s / peak FLOP/s of the hardware, with the *model* FLOPs above
 (recomputation, e.g. activation checkpointing, and padding are not counted as useful work:
-that would be hardware FLOPs utilisation). Peaks: :data:`PEAK_FLOPS` (dense bf16 tensor-core
-numbers from the vendors' data sheets; the T4 has no bf16, its fp16 figure is listed), and
+that would be hardware FLOPs utilisation). Peaks: the ``peak_flops`` of the GPU table
+:data:`dpo_lib.tools.specs.GPUS` (dense bf16 tensor-core numbers from the vendors' data sheets; the
+T4 has no bf16, its fp16 figure is listed; :func:`dpo_lib.tools.specs.peak_flops` by name), and
 for a CPU :func:`measure_cpu_peak_flops` (a timed float32 matmul — an achievable peak, not
 the data-sheet one) or a number you pass in.
 """
@@ -40,26 +45,11 @@ the data-sheet one) or a number you pass in.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-# Dense (no sparsity) peak tensor throughput in FLOP/s, bf16 (T4: fp16, it has no bf16).
-PEAK_FLOPS: dict[str, float] = {
-    "T4": 65e12,          # Tesla T4, fp16 tensor cores (Turing: no bf16)
-    "L4": 121e12,         # NVIDIA L4, bf16 dense (242 with 2:4 sparsity)
-    "A100": 312e12,       # A100 SXM/PCIe, bf16 dense
-    "H100": 989e12,       # H100 SXM, bf16 dense (1979 with sparsity)
-    "H100-PCIe": 756e12,  # H100 PCIe, bf16 dense
-}
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    non_embedding_params: int   # N: every parameter except the input embedding (and an untied LM head)
-    d_model: int                # hidden size d
-    vocab_size: int             # V
-    n_layers: int = 0           # only for the optional attention term
+from dpo_lib.tools.specs import model_spec
 
 
 def non_embedding_params(model: torch.nn.Module) -> int:
@@ -79,25 +69,22 @@ def non_embedding_params(model: torch.nn.Module) -> int:
     return total
 
 
-def model_shape(model: torch.nn.Module) -> ModelShape:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return ModelShape(non_embedding_params(model), config.hidden_size, config.vocab_size,
-                      getattr(config, "num_hidden_layers", 0))
-
-
-def dpo_step_flops(shape: ModelShape, tokens: int, scored: int, reference: str = "live",
+def dpo_step_flops(shape: Any, tokens: int, scored: int, reference: str = "live",
                    attention_context: int | None = None) -> dict[str, int]:
     """Model FLOPs of one DPO step (see the module docstring).
 
-    ``tokens``: non-padding tokens of all prompt+chosen and prompt+rejected sequences;
+    ``shape``: a :class:`~dpo_lib.tools.specs.ModelSpec`, or what :func:`~dpo_lib.tools.specs.model_spec`
+    reads one from (a model, its config, a preset name). ``tokens``: non-padding tokens of all
+    prompt+chosen and prompt+rejected sequences;
     ``scored``: completion tokens among them; ``reference``: ``"live"`` (a forward per step) or
     ``"cached"`` (precomputed log-probs: 0). ``attention_context``: mean context length for the
     attention-score term (off by default). Returns the parts and their ``total``.
     """
     if reference not in ("live", "cached"):
         raise ValueError(f"reference must be 'live' or 'cached', got {reference!r}")
-    N, dV = shape.non_embedding_params, shape.d_model * shape.vocab_size
-    attn = 2 * shape.n_layers * attention_context * shape.d_model if attention_context else 0   # per token, forward
+    shape = model_spec(shape)
+    N, dV = shape.non_embedding_params, shape.hidden * shape.vocab
+    attn = 2 * shape.layers * attention_context * shape.hidden if attention_context else 0   # per token, forward
     parts = {
         "policy_forward": (2 * N + attn) * tokens + 2 * dV * scored,
         "policy_backward": (4 * N + 2 * attn) * tokens + 4 * dV * scored,
@@ -107,23 +94,14 @@ def dpo_step_flops(shape: ModelShape, tokens: int, scored: int, reference: str =
     return parts
 
 
-def dpo_flops_per_token(shape: ModelShape, scored_fraction: float, reference: str = "live") -> float:
+def dpo_flops_per_token(shape: Any, scored_fraction: float, reference: str = "live") -> float:
     """FLOPs per processed token: ``6N + 6dV·s`` (+ ``2N + 2dV·s`` for a live reference), ``s`` = scored/tokens."""
-    per_token = 6 * shape.non_embedding_params + 6 * shape.d_model * shape.vocab_size * scored_fraction
+    shape = model_spec(shape)
+    N, dV = shape.non_embedding_params, shape.hidden * shape.vocab
+    per_token = 6 * N + 6 * dV * scored_fraction
     if reference == "live":
-        per_token += 2 * shape.non_embedding_params + 2 * shape.d_model * shape.vocab_size * scored_fraction
+        per_token += 2 * N + 2 * dV * scored_fraction
     return per_token
-
-
-def peak_flops(device_name: str) -> float | None:
-    """Peak FLOP/s of a GPU named like ``torch.cuda.get_device_name()``; ``None`` when unknown."""
-    name = device_name.upper().replace(" ", "")
-    if "H100" in name:
-        return PEAK_FLOPS["H100-PCIe"] if "PCIE" in name else PEAK_FLOPS["H100"]
-    for key in ("A100", "L4", "T4"):
-        if key in name:
-            return PEAK_FLOPS[key]
-    return None
 
 
 def measure_matmul_flops(size: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32,

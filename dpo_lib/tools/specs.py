@@ -1,11 +1,14 @@
-"""What the VRAM planner (:mod:`dpo_lib.tools.vram`) knows about models and GPUs.
+"""What the VRAM planner (:mod:`dpo_lib.tools.vram`) and the FLOP counter (:mod:`dpo_lib.tools.flops`)
+know about models and GPUs: one model-shape class and one GPU table.
 
 * :class:`ModelSpec` — the shape of a Llama-style decoder, from a ``transformers`` config, a
   preset of :data:`MODELS` (copied from the hub, so the planner works offline) or the four
-  numbers of a model card; :func:`lora_trainable_params` counts LoRA's ``r·(d_in + d_out)``.
-* :class:`GPU` — a device's memory and bf16 support: a preset of :data:`GPUS`, the CPU
-  (:func:`cpu_device`) or whatever torch sees (:func:`detect_device`); :func:`pick_precision`
-  chooses bf16, fp16 or fp32 for it.
+  numbers of a model card: parameter counts (``P``, ``P_lin``, the non-embedding ``N`` of the
+  FLOP count); :func:`lora_trainable_params` counts LoRA's ``r·(d_in + d_out)``.
+* :class:`GPU` — a device's memory, bf16 support and peak dense FLOP/s: a preset of :data:`GPUS`,
+  the CPU (:func:`cpu_device`) or whatever torch sees (:func:`detect_device`);
+  :func:`pick_precision` chooses bf16, fp16 or fp32 for it (the rule of :mod:`dpo_lib.precision`),
+  :func:`peak_flops` finds the peak of a GPU by its torch name.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from dpo_lib.lora import ALL_LINEAR, LINEAR_MODULES  # the names LoRA adapts, defined with LoRA
+from dpo_lib.precision import choose_precision
+
 GiB = 2 ** 30
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ALL_LINEAR = "all-linear"
 
 
 # ----------------------------------------------------------------------------- model
@@ -23,7 +27,8 @@ ALL_LINEAR = "all-linear"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The shape of a Llama-style decoder (Llama, Mistral, Qwen2, SmolLM2): all the planner needs."""
+    """The shape of a Llama-style decoder (Llama, Mistral, Qwen2, SmolLM2): all that the planner and
+    the FLOP counter need."""
 
     name: str
     vocab: int
@@ -59,12 +64,17 @@ class ModelSpec:
         return self.layers * per_layer
 
     @property
+    def non_embedding_params(self) -> int:
+        """``N`` of the FLOP count: linear layers + RMSNorm weights, i.e. every parameter but the
+        input embedding and the LM head (whose ``2dV`` per scored position is counted apart)."""
+        return self.linear_params + (2 * self.layers + 1) * self.hidden
+
+    @property
     def params(self) -> int:
         """``P``: embedding + LM head (if untied) + linear layers + RMSNorm weights."""
         embed = self.vocab * self.hidden
         head = 0 if self.tied else self.vocab * self.hidden
-        norms = (2 * self.layers + 1) * self.hidden
-        return embed + head + self.linear_params + norms
+        return embed + head + self.non_embedding_params
 
     @classmethod
     def from_config(cls, config: Any, name: str | None = None) -> "ModelSpec":
@@ -150,9 +160,11 @@ def lora_trainable_params(model: Any, r: int, target_modules: str | Iterable[str
 @dataclass(frozen=True)
 class GPU:
     name: str
-    memory_gib: float       # total memory as nvidia-smi / torch.cuda report it
-    bf16: bool              # bf16 tensor cores (compute capability >= 8.0)
-    cuda: bool = True       # False: a CPU (memory = RAM), no CUDA context
+    memory_gib: float                     # total memory as nvidia-smi / torch.cuda report it
+    bf16: bool                            # bf16 tensor cores (compute capability >= 8.0)
+    cuda: bool = True                     # False: a CPU (memory = RAM), no CUDA context
+    peak_flops: float | None = None       # dense (no sparsity) bf16 tensor FLOP/s of the data sheet
+    peak_flops_pcie: float | None = None  # the PCIe card of the same chip, where its clocks are lower
 
     @property
     def memory_bytes(self) -> int:
@@ -160,22 +172,22 @@ class GPU:
 
 
 GPUS: dict[str, GPU] = {g.name.split()[0]: g for g in [
-    GPU("T4 16GB", 15.0, bf16=False),          # Turing, compute capability 7.5 (Colab's free GPU)
-    GPU("L4 24GB", 22.5, bf16=True),           # Ada
-    GPU("A100-40GB", 40.0, bf16=True),         # Ampere
-    GPU("A100-80GB", 80.0, bf16=True),
-    GPU("H100-80GB", 79.6, bf16=True),         # Hopper
+    GPU("T4 16GB", 15.0, bf16=False, peak_flops=65e12),     # Turing, c.c. 7.5 (Colab's free GPU): fp16 peak, no bf16
+    GPU("L4 24GB", 22.5, bf16=True, peak_flops=121e12),     # Ada (242 with 2:4 sparsity)
+    GPU("A100-40GB", 40.0, bf16=True, peak_flops=312e12),   # Ampere, SXM and PCIe alike
+    GPU("A100-80GB", 80.0, bf16=True, peak_flops=312e12),
+    GPU("H100-80GB", 79.6, bf16=True, peak_flops=989e12, peak_flops_pcie=756e12),  # Hopper SXM (1979 sparse); PCIe
 ]}
 
 
 def gpu_spec(gpu: Any) -> GPU:
     """A :class:`GPU` from a GPU, a name in :data:`GPUS` (``"T4"``, ``"A100-80GB"``...), ``"cpu"``,
-    or a dict ``{"name", "memory_gib", "bf16"}``."""
+    or a dict ``{"name", "memory_gib", "bf16"}`` (optionally ``"cuda"``, ``"peak_flops"``)."""
     if isinstance(gpu, GPU):
         return gpu
     if isinstance(gpu, dict):
         return GPU(name=gpu.get("name", "GPU"), memory_gib=float(gpu["memory_gib"]), bf16=bool(gpu.get("bf16", False)),
-                   cuda=bool(gpu.get("cuda", True)))
+                   cuda=bool(gpu.get("cuda", True)), peak_flops=gpu.get("peak_flops"))
     if isinstance(gpu, str):
         if gpu.lower() == "cpu":
             return cpu_device()
@@ -190,6 +202,17 @@ def gpu_spec(gpu: Any) -> GPU:
     raise TypeError(f"cannot read a GPU from {type(gpu).__name__}")
 
 
+def peak_flops(device_name: str) -> float | None:
+    """Peak FLOP/s of a GPU named like ``torch.cuda.get_device_name()`` (``"NVIDIA H100 PCIe"``),
+    from :data:`GPUS`; ``None`` when unknown (then time a matmul:
+    :func:`dpo_lib.tools.flops.measure_matmul_flops`)."""
+    name = device_name.upper().replace(" ", "")
+    for key, g in GPUS.items():
+        if key.split("-")[0].upper() in name:
+            return g.peak_flops_pcie if "PCIE" in name and g.peak_flops_pcie else g.peak_flops
+    return None
+
+
 def cpu_device() -> GPU:
     """The CPU as a 'device': its RAM, no bf16 training (fp32), no CUDA context."""
     import os
@@ -201,21 +224,17 @@ def cpu_device() -> GPU:
 
 
 def detect_device() -> GPU:
-    """The GPU torch sees (name, memory, bf16 support), or the CPU."""
+    """The GPU torch sees (name, memory, bf16 support, data-sheet peak), or the CPU."""
     import torch
     if not torch.cuda.is_available():
         return cpu_device()
     props = torch.cuda.get_device_properties(0)
-    return GPU(props.name, round(props.total_memory / GiB, 1), bf16=torch.cuda.is_bf16_supported())
+    return GPU(props.name, round(props.total_memory / GiB, 1), bf16=torch.cuda.is_bf16_supported(),
+               peak_flops=peak_flops(props.name))
 
 
 def pick_precision(gpu: Any) -> tuple[str, str]:
-    """``(precision, why)``: bf16 where supported, else fp16 on a GPU, fp32 on a CPU."""
+    """``(precision, why)``: bf16 where supported, else fp16 on a GPU, fp32 on a CPU
+    (:func:`dpo_lib.precision.choose_precision` on the GPU's spec)."""
     g = gpu_spec(gpu)
-    if not g.cuda:
-        return "fp32", "CPU: fp32 (half-precision matmuls are slow or unsupported on most CPUs)"
-    if g.bf16:
-        return "bf16", (f"{g.name} supports bf16: same exponent range as fp32, so no loss scaling; "
-                        "half the bytes of fp32")
-    return "fp16", (f"{g.name} has no bf16 support: fp16 (5-bit exponent, overflows above 65504), so trainable "
-                    "weights stay in fp32 (LoRA adapters, master weights) and full fine-tuning needs a loss scaler")
+    return choose_precision(g.cuda, g.bf16, name=g.name)

@@ -7,7 +7,8 @@ the precision, the micro-batch, the gradient accumulation and whether to use gra
 checkpointing, each with a one-line reason, and the memory estimate behind the choice
 (``plan(...).explain()`` prints it all).
 
-The model and GPU specs come from :mod:`dpo_lib.tools.specs` (re-exported here), and
+The model and GPU specs come from :mod:`dpo_lib.tools.specs` (re-exported here), the precision
+rule from :mod:`dpo_lib.precision`, the LoRA target names from :mod:`dpo_lib.lora`, and
 :func:`measure_saved_activations` from :mod:`dpo_lib.tools.memory`.
 
 Notation
@@ -104,13 +105,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from dpo_lib.lora import ALL_LINEAR, LINEAR_MODULES
+from dpo_lib.precision import DTYPES
 from dpo_lib.tools.memory import measure_saved_activations
-from dpo_lib.tools.specs import (ALL_LINEAR, GPU, GPUS, LINEAR_MODULES, MODELS, GiB, ModelSpec, cpu_device,
-    detect_device, gpu_spec, lora_trainable_params, model_spec, pick_precision)
+from dpo_lib.tools.specs import (
+    GPU,
+    GPUS,
+    MODELS,
+    GiB,
+    ModelSpec,
+    cpu_device,
+    detect_device,
+    gpu_spec,
+    lora_trainable_params,
+    model_spec,
+    pick_precision,
+)
 
 CUDA_CONTEXT_BYTES = GiB // 2     # CUDA context + kernels loaded by torch; not in max_memory_allocated
 ALLOCATOR_SLACK = 0.10            # fragmentation, cuBLAS workspaces, caching-allocator rounding
-BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}   # b: 4 for fp32, 2 for bf16 / fp16
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)   # 4-bit weight + 8-bit absmax per 64 + fp32 per 256 blocks
 ADAM_BYTES = 8                    # fp32 first and second moments
 MASTER_BYTES = 4                  # fp32 master copy of half-precision trainable weights
@@ -261,6 +275,59 @@ def _divisors_desc(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
+def _checkpointing(s: ModelSpec, best: dict, floor: int, given: bool | None, precision: str,
+                   seq_len: int) -> tuple[bool, str]:
+    """Gradient checkpointing on or off, and why; ``best[ckpt]`` is the largest micro-batch that fits."""
+    if given is not None:
+        return given, f"{'on' if given else 'off'} (given)"
+    if best[False] is not None and best[False] >= floor:
+        return False, (f"off: micro-batch {best[False]} already fits without it "
+                       "(checkpointing would recompute the forward pass, about a third more compute)")
+    if best[True] is not None and (best[False] is None or best[True] > best[False]):
+        without = (f"only micro-batch {best[False]} fits without it" if best[False]
+                   else "not even micro-batch 1 fits without it")
+        return True, (f"on: {without}; keeping only each layer's input cuts activations from "
+                      f"{fmt_bytes(activation_bytes_per_token(s, precision) * 2 * seq_len)} to "
+                      f"{fmt_bytes(activation_bytes_per_token(s, precision, True) * 2 * seq_len)} per pair")
+    if best[False] is None and best[True] is None:
+        return True, "on, and still not enough memory (see micro-batch)"
+    return False, "off: it would not allow a larger micro-batch"
+
+
+def _memory_reasons(s: ModelSpec, mode: str, precision: str, precomputed_reference: bool, lora_r: int,
+                    targets) -> tuple[int, list[str]]:
+    """``(trainable params, [why reference, why trainable])``."""
+    if mode == "full":
+        ref = ("reference: log-probs precomputed once before training, so no second model" if precomputed_reference
+               else f"reference: a frozen second copy of the model ({fmt_bytes(s.params * BYTES[precision])}); "
+                    "precompute its log-probs to drop it")
+        kind = ("bf16/fp16 weight + gradient, fp32 master + AdamW" if BYTES[precision] == 2
+                else "fp32 weight + gradient + AdamW")
+        return s.params, [ref, f"trainable: all {s.params:,} params, 16 bytes each ({kind})"]
+    trainable = lora_trainable_params(s, lora_r, targets)
+    return trainable, ["reference: the base model with the adapter disabled, so no second copy (0 bytes)",
+                       f"trainable: LoRA r={lora_r} on {_targets_text(targets)} x {s.layers} layers, "
+                       f"r*(d_in + d_out) each = {trainable:,} params ({100 * trainable / s.params:.2f} % of the "
+                       "model); fp32 weight + gradient + AdamW = 16 bytes each"]
+
+
+def _micro_batch_reason(s: ModelSpec, g: GPU, mode: str, mb: int, given: bool, ok: bool, ckpt: bool,
+                        candidates: list[int], global_batch: int, mem: Memory, kw: dict) -> str:
+    if given:
+        return f"micro-batch: {mb} (given)"
+    if ok:
+        nxt = next((d for d in reversed(candidates) if d > mb), None)
+        tail = ""
+        if nxt is not None:
+            tail = (f"; {nxt} would need "
+                    f"{fmt_bytes(estimate(s, micro_batch=nxt, gradient_checkpointing=ckpt, **kw).total)}")
+        return f"micro-batch: {mb} pairs, the largest divisor of {global_batch} that fits{tail}"
+    suggestion = {"full": "try mode='lora' or precomputed_reference=True",
+                  "lora": "try mode='qlora'", "qlora": "use a bigger GPU or a smaller model"}[mode]
+    return (f"micro-batch: even {mb} pair(s){' with checkpointing' if ckpt else ''} needs {fmt_bytes(mem.total)} > "
+            f"{g.memory_gib:.1f} GiB; shorten the sequences, or {suggestion}")
+
+
 def plan(model: Any, gpu: Any = "T4", mode: str = "lora", seq_len: int = 512, global_batch: int = 32,
          precomputed_reference: bool = False, precision: str | None = None, micro_batch: int | None = None,
          gradient_checkpointing: bool | None = None, lora_r: int = 16,
@@ -291,65 +358,18 @@ def plan(model: Any, gpu: Any = "T4", mode: str = "lora", seq_len: int = 512, gl
     if micro_batch and global_batch % micro_batch:
         raise ValueError(f"micro_batch={micro_batch} does not divide global_batch={global_batch}")
     best = {ck: next((mb for mb in candidates if fits(mb, ck)), None) for ck in (False, True)}
-    floor = min(min_micro_batch, global_batch)
-    if gradient_checkpointing is not None:
-        ckpt = gradient_checkpointing
-        reason = f"{'on' if ckpt else 'off'} (given)"
-    elif best[False] is not None and best[False] >= floor:
-        ckpt = False
-        reason = (f"off: micro-batch {best[False]} already fits without it "
-                  "(checkpointing would recompute the forward pass, about a third more compute)")
-    elif best[True] is not None and (best[False] is None or best[True] > best[False]):
-        ckpt = True
-        without = (f"only micro-batch {best[False]} fits without it" if best[False]
-                   else "not even micro-batch 1 fits without it")
-        reason = (f"on: {without}; keeping only each layer's input cuts activations from "
-                  f"{fmt_bytes(activation_bytes_per_token(s, precision) * 2 * seq_len)} to "
-                  f"{fmt_bytes(activation_bytes_per_token(s, precision, True) * 2 * seq_len)} per pair")
-    elif best[False] is None and best[True] is None:
-        ckpt = True
-        reason = "on, and still not enough memory (see micro-batch)"
-    else:
-        ckpt = False
-        reason = "off: it would not allow a larger micro-batch"
+    ckpt, ckpt_reason = _checkpointing(s, best, min(min_micro_batch, global_batch), gradient_checkpointing,
+                                       precision, seq_len)
     mb = best[ckpt] or candidates[-1]
     mem = estimate(s, micro_batch=mb, gradient_checkpointing=ckpt, **kw)
     ok = mem.total <= g.memory_bytes
     accum = global_batch // mb
-
-    if mode == "full":
-        ref = ("reference: log-probs precomputed once before training, so no second model" if precomputed_reference
-               else f"reference: a frozen second copy of the model ({fmt_bytes(s.params * BYTES[precision])}); "
-                    "precompute its log-probs to drop it")
-    else:
-        ref = "reference: the base model with the adapter disabled, so no second copy (0 bytes)"
-    why.append(ref)
-    if mode != "full":
-        trainable = lora_trainable_params(s, lora_r, targets)
-        why.append(f"trainable: LoRA r={lora_r} on {_targets_text(targets)} x {s.layers} layers, "
-                   f"r*(d_in + d_out) each = {trainable:,} params ({100 * trainable / s.params:.2f} % of the model); "
-                   f"fp32 weight + gradient + AdamW = 16 bytes each")
-    else:
-        trainable = s.params
-        why.append(f"trainable: all {trainable:,} params, 16 bytes each "
-                   f"({'bf16/fp16 weight + gradient, fp32 master + AdamW' if BYTES[precision] == 2 else 'fp32 weight + gradient + AdamW'})")
-    if micro_batch:
-        why.append(f"micro-batch: {mb} (given)")
-    elif ok:
-        nxt = next((d for d in reversed(candidates) if d > mb), None)
-        tail = ""
-        if nxt is not None:
-            tail = (f"; {nxt} would need "
-                    f"{fmt_bytes(estimate(s, micro_batch=nxt, gradient_checkpointing=ckpt, **kw).total)}")
-        why.append(f"micro-batch: {mb} pairs, the largest divisor of {global_batch} that fits{tail}")
-    else:
-        suggestion = {"full": "try mode='lora' or precomputed_reference=True",
-                      "lora": "try mode='qlora'", "qlora": "use a bigger GPU or a smaller model"}[mode]
-        why.append(f"micro-batch: even {mb} pair(s){' with checkpointing' if ckpt else ''} needs {fmt_bytes(mem.total)} > "
-                   f"{g.memory_gib:.1f} GiB; shorten the sequences, or {suggestion}")
+    trainable, reasons = _memory_reasons(s, mode, precision, precomputed_reference, lora_r, targets)
+    why += reasons
+    why.append(_micro_batch_reason(s, g, mode, mb, bool(micro_batch), ok, ckpt, candidates, global_batch, mem, kw))
     why.append(f"accumulation: {accum} micro-batch(es) per optimizer step so that {mb} x {accum} = "
                f"{global_batch} pairs" + (" (no accumulation needed)" if accum == 1 else ""))
-    why.append(f"gradient checkpointing: {reason}")
+    why.append(f"gradient checkpointing: {ckpt_reason}")
     return Plan(model=s, gpu=g, mode=mode, precision=precision, seq_len=seq_len, global_batch=global_batch,
                 micro_batch=mb, grad_accum=accum, gradient_checkpointing=ckpt,
                 precomputed_reference=precomputed_reference, lora_r=lora_r, lora_targets=targets,

@@ -8,8 +8,8 @@ file order by both (TRL: ``train_sampling_strategy="sequential"``), PyTorch's fu
 (dpo_lib's optimizer, and TRL's default with torch >= 2.8) at a constant learning rate,
 gradient clipping at 1, β = 0.1, sigmoid loss. Only pairs whose full tokenization fits
 ``--max-length`` are used, so neither trainer truncates and both score exactly the same
-tokens (checked: ``same_tokens`` in the output compares a hash of the token ids each
-trainer built).
+tokens (checked: ``same_tokens`` in the output compares the :func:`dpo_lib.data.token_ids_hash`
+of the token ids each trainer built).
 
 * TRL: ``trl.DPOTrainer`` with its defaults for everything else — a live reference model
   (a second copy of the weights) run under ``no_grad`` in every step, one forward of the
@@ -50,9 +50,8 @@ differ only by float rounding (different kernels, padding, precomputed vs live r
 that the updates carry forward; ``loss_tolerance`` (1e-4) is the bound we expect.
 
 Micro-batches: on a CPU dpo_lib cuts each step's length-sorted pairs into micro-batches of at
-most 4 (activations of 8 sequences at a time, whatever the batch; smaller ones run slower on 2
-cores: measured 1.34x TRL with micro-batches of 2 against 1.45x with 4); on a GPU it runs the
-whole batch in one forward.
+most 4 (activations of 8 sequences at a time, whatever the batch; smaller ones run slower); on a
+GPU it runs the whole batch in one forward.
 
 Defaults: 5 steps of 4 pairs, 2 repeats: the CPU run takes 4-5 minutes on 2 cores, most of it
 TRL's steps. The first step of each run is a warm-up and is not timed.
@@ -73,10 +72,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from dpo_lib.config import REPO_DATA
 from dpo_lib.tools.bench.worker import pair_tokens
 
 LOSS_TOLERANCE = 1e-4
-REPO_DATA = Path(__file__).resolve().parents[3] / "data"
+BENCH_PACKAGES = ("torch", "transformers", "trl", "accelerate", "datasets")   # the versions the report records
 
 
 def default_dataset() -> Path:
@@ -127,17 +127,6 @@ def select_rows(tokenizer, rows: list[dict], n: int, max_length: int) -> tuple[l
 
 # ----------------------------------------------------------------------------- the parent
 
-def _versions() -> dict:
-    from importlib import metadata
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "trl", "accelerate", "datasets"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def _machine(device: str) -> dict:
     info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "processor": platform.processor()}
     try:
@@ -176,7 +165,8 @@ def _peak_flops(args, device: str, threads: int, before: float | None = None) ->
     if device == "cuda":
         import torch
 
-        from dpo_lib.tools.flops import measure_matmul_flops, peak_flops
+        from dpo_lib.tools.flops import measure_matmul_flops
+        from dpo_lib.tools.specs import peak_flops
         name = torch.cuda.get_device_name(0)
         peak = peak_flops(name)
         if peak:
@@ -191,7 +181,8 @@ def _fmt_bytes(n: float) -> str:
     return f"{n / 2**20:,.0f} MiB"
 
 
-def main(args) -> int:
+def _prepare(args) -> tuple[dict, Path, int] | int:
+    """``(spec, dataset, skipped)`` of the runs, or an exit status after printing what is wrong."""
     from dpo_lib.data import load_preferences
     from dpo_lib.models import load_tokenizer
 
@@ -218,63 +209,77 @@ def main(args) -> int:
         return 2
     spec = {"model": args.model, "rows": rows, "steps": args.steps, "batch_size": args.batch_size,
             "micro_batch_size": micro, "max_length": args.max_length, "learning_rate": args.learning_rate,
-            "beta": args.beta, "seed": args.seed, "threads": threads, "device": device, "dtype": args.dtype}
-    machine = _machine(device)
-    print(f"[bench] {need} pairs of {dataset} ({skipped} longer than {args.max_length} tokens skipped), "
-          f"{args.steps} steps x {args.batch_size} pairs, {sum(pair_tokens(f) for f in features)} tokens per run; "
-          f"{device}/{args.dtype}, {threads} threads; load average {machine.get('load_average_at_start')}")
-    cpu_peak_before = None
-    if device == "cpu" and not args.peak_flops:
-        from dpo_lib.tools.flops import measure_cpu_peak_flops
-        cpu_peak_before = measure_cpu_peak_flops(threads=threads)
+            "beta": args.beta, "seed": args.seed, "threads": threads, "device": device, "dtype": args.dtype,
+            "tokens": sum(pair_tokens(f) for f in features)}
+    return spec, dataset, skipped
+
+
+def _run_alternating(spec: dict, repeats: int) -> dict[str, list[dict]]:
+    """``repeats`` runs of each trainer, alternating (TRL, dpo_lib, TRL, ...), each in a fresh process."""
     runs: dict[str, list[dict]] = {"trl": [], "dpo_lib": []}
     with tempfile.TemporaryDirectory(prefix="dpo_lib-bench-") as tmp:
-        for r in range(args.repeats):
+        for r in range(repeats):
             for impl in ("trl", "dpo_lib"):
                 res = _spawn(dict(spec, impl=impl), Path(tmp), len(runs["trl"]) + len(runs["dpo_lib"]))
                 runs[impl].append(res)
-                print(f"[bench] run {r + 1}/{args.repeats} {impl:<7}: {res['tokens_per_second']:8.1f} tokens/s, "
+                print(f"[bench] run {r + 1}/{repeats} {impl:<7}: {res['tokens_per_second']:8.1f} tokens/s, "
                       f"{res['seconds_per_step']:.2f} s/step, peak {_fmt_bytes(res['peak_memory_bytes'])}, "
                       f"total {res['total_seconds']:.1f} s", flush=True)
+    return runs
 
-    def med(impl, key):
-        return statistics.median(run[key] for run in runs[impl])
 
-    summary = {impl: {k: med(impl, k) for k in ("tokens_per_second", "seconds_per_step", "peak_memory_bytes",
-                                                 "total_seconds", "end_to_end_tokens_per_second", "prep_seconds",
-                                                 "reference_seconds", "model_flops_per_second",
-                                                 "cpu_seconds_per_step", "tokens_per_cpu_second")} for impl in runs}
-    peak, peak_source = _peak_flops(args, device, threads, before=cpu_peak_before)
+SUMMARY_KEYS = ("tokens_per_second", "seconds_per_step", "peak_memory_bytes", "total_seconds",
+                "end_to_end_tokens_per_second", "prep_seconds", "reference_seconds", "model_flops_per_second",
+                "cpu_seconds_per_step", "tokens_per_cpu_second")
+WHAT_IS_TIMED = (
+    "model loading excluded for both (TRL: policy and reference); counted: everything after it. "
+    "tokens_per_second = tokens of steps 2..N / (their step time + the share of dpo_lib's "
+    "reference precompute spent on their pairs); TRL runs its reference inside each step. "
+    "seconds_per_step excludes the first (warm-up) step; total_seconds = prep (tokenization, "
+    "reference precompute, trainer construction) + every step.")
+
+
+def _summary(runs: dict[str, list[dict]], peak: float) -> dict[str, dict]:
+    """The median of each of :data:`SUMMARY_KEYS` over the runs of each trainer, and its MFU."""
+    summary = {impl: {k: statistics.median(run[k] for run in runs[impl]) for k in SUMMARY_KEYS} for impl in runs}
     for impl in summary:
         summary[impl]["mfu"] = summary[impl]["model_flops_per_second"] / peak
-    diffs = [abs(a - b) for d in runs["dpo_lib"] for t in runs["trl"] for a, b in zip(d["losses"], t["losses"])]
+    return summary
+
+
+def _result(args, spec: dict, dataset: Path, machine: dict, runs: dict, peak: float, peak_source: str) -> dict:
+    """The JSON report: settings, versions, per-trainer medians, the ratios and the loss check."""
+    from dpo_lib.logger import package_versions
+
+    summary = _summary(runs, peak)
+    t, d = summary["trl"], summary["dpo_lib"]
+    diffs = [abs(a - b) for dr in runs["dpo_lib"] for tr in runs["trl"] for a, b in zip(dr["losses"], tr["losses"])]
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        "machine": machine, "versions": _versions(),
+        "machine": machine, "versions": package_versions(BENCH_PACKAGES),
         "settings": {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "dataset": str(dataset),
-                     "pairs": need, "steps": args.steps, "batch_size": args.batch_size,
-                     "dpo_lib_micro_batch_size": micro, "max_length": args.max_length,
+                     "pairs": args.steps * args.batch_size, "steps": args.steps, "batch_size": args.batch_size,
+                     "dpo_lib_micro_batch_size": spec["micro_batch_size"], "max_length": args.max_length,
                      "learning_rate": args.learning_rate, "beta": args.beta, "repeats": args.repeats,
-                     "device": device, "dtype": args.dtype, "threads": threads, "order": "alternating: trl, dpo_lib, ..."},
-        "what_is_timed": ("model loading excluded for both (TRL: policy and reference); counted: everything after it. "
-                          "tokens_per_second = tokens of steps 2..N / (their step time + the share of dpo_lib's "
-                          "reference precompute spent on their pairs); TRL runs its reference inside each step. "
-                          "seconds_per_step excludes the first (warm-up) step; total_seconds = prep (tokenization, "
-                          "reference precompute, trainer construction) + every step."),
+                     "device": spec["device"], "dtype": args.dtype, "threads": spec["threads"],
+                     "order": "alternating: trl, dpo_lib, ..."},
+        "what_is_timed": WHAT_IS_TIMED,
         "dpo_lib_levers": ["reference log-probs precomputed by the policy itself before training (no second model)",
                            "pairs sorted by length into micro-batches (less padding, same loss)",
                            "LM head only on scored positions (compact_lm_head), fused log-softmax gather"],
-        "trl": summary["trl"], "dpo_lib": summary["dpo_lib"],
-        "throughput_ratio": summary["dpo_lib"]["tokens_per_second"] / summary["trl"]["tokens_per_second"],
-        "end_to_end_ratio": summary["trl"]["total_seconds"] / summary["dpo_lib"]["total_seconds"],
-        "cpu_time_throughput_ratio": summary["dpo_lib"]["tokens_per_cpu_second"] / summary["trl"]["tokens_per_cpu_second"],
-        "per_repeat_throughput_ratios": [d["tokens_per_second"] / t["tokens_per_second"]
-                                         for t, d in zip(runs["trl"], runs["dpo_lib"])],
-        "peak_memory_ratio": summary["dpo_lib"]["peak_memory_bytes"] / summary["trl"]["peak_memory_bytes"],
-        "peak_memory_kind": "torch.cuda.max_memory_allocated" if device == "cuda" else "ru_maxrss of the run's process",
+        "trl": t, "dpo_lib": d,
+        "throughput_ratio": d["tokens_per_second"] / t["tokens_per_second"],
+        "end_to_end_ratio": t["total_seconds"] / d["total_seconds"],
+        "cpu_time_throughput_ratio": d["tokens_per_cpu_second"] / t["tokens_per_cpu_second"],
+        "per_repeat_throughput_ratios": [dr["tokens_per_second"] / tr["tokens_per_second"]
+                                         for tr, dr in zip(runs["trl"], runs["dpo_lib"])],
+        "peak_memory_ratio": d["peak_memory_bytes"] / t["peak_memory_bytes"],
+        "peak_memory_kind": ("torch.cuda.max_memory_allocated" if spec["device"] == "cuda"
+                             else "ru_maxrss of the run's process"),
         "peak_flops": peak, "peak_flops_source": peak_source,
         "mfu_definition": ("model FLOPs of DPO per step (policy 6N per token + 6dV per scored token, reference "
-                           "2N + 2dV: dpo_lib.tools.flops), the same for both trainers, over the time of tokens_per_second"),
+                           "2N + 2dV: dpo_lib.tools.flops), the same for both trainers, over the time of "
+                           "tokens_per_second"),
         "losses": {"trl": runs["trl"][0]["losses"], "dpo_lib": runs["dpo_lib"][0]["losses"]},
         "loss_max_abs_diff": max(diffs) if diffs else float("nan"),
         "loss_tolerance": LOSS_TOLERANCE,
@@ -284,8 +289,11 @@ def main(args) -> int:
     result["loss_within_tolerance"] = result["loss_max_abs_diff"] <= LOSS_TOLERANCE
     if hasattr(os, "getloadavg"):
         result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return result
 
-    t, d = summary["trl"], summary["dpo_lib"]
+
+def _print_report(result: dict) -> None:
+    t, d = result["trl"], result["dpo_lib"]
     print(f"\n{'':<28}{'TRL':>14}{'dpo_lib':>14}{'ratio':>10}")
     print(f"{'tokens/s (steps 2..N)':<28}{t['tokens_per_second']:>14.1f}{d['tokens_per_second']:>14.1f}"
           f"{result['throughput_ratio']:>10.2f}")
@@ -296,12 +304,33 @@ def main(args) -> int:
           f"{result['end_to_end_ratio']:>10.2f}")
     print(f"{'peak memory':<28}{_fmt_bytes(t['peak_memory_bytes']):>14}{_fmt_bytes(d['peak_memory_bytes']):>14}"
           f"{result['peak_memory_ratio']:>10.2f}")
-    print(f"{'MFU':<28}{t['mfu']:>14.1%}{d['mfu']:>14.1%}   (peak {peak / 1e9:,.0f} GFLOP/s, {peak_source})")
+    print(f"{'MFU':<28}{t['mfu']:>14.1%}{d['mfu']:>14.1%}   (peak {result['peak_flops'] / 1e9:,.0f} GFLOP/s, "
+          f"{result['peak_flops_source']})")
     print("throughput ratio per repeat: " + ", ".join(f"{x:.2f}" for x in result["per_repeat_throughput_ratios"]))
     print(f"loss trajectories: max |dpo_lib - TRL| = {result['loss_max_abs_diff']:.2e} "
           f"(tolerance {LOSS_TOLERANCE:g}: {'ok' if result['loss_within_tolerance'] else 'EXCEEDED'}); "
           f"same tokens: {result['same_tokens']}")
     print("timed: " + result["what_is_timed"])
+
+
+def main(args) -> int:
+    prepared = _prepare(args)
+    if isinstance(prepared, int):
+        return prepared
+    spec, dataset, skipped = prepared
+    device, threads, need = spec["device"], spec["threads"], args.steps * args.batch_size
+    machine = _machine(device)
+    print(f"[bench] {need} pairs of {dataset} ({skipped} longer than {args.max_length} tokens skipped), "
+          f"{args.steps} steps x {args.batch_size} pairs, {spec.pop('tokens')} tokens per run; "
+          f"{device}/{args.dtype}, {threads} threads; load average {machine.get('load_average_at_start')}")
+    cpu_peak_before = None
+    if device == "cpu" and not args.peak_flops:
+        from dpo_lib.tools.flops import measure_cpu_peak_flops
+        cpu_peak_before = measure_cpu_peak_flops(threads=threads)
+    runs = _run_alternating(spec, args.repeats)
+    peak, peak_source = _peak_flops(args, device, threads, before=cpu_peak_before)
+    result = _result(args, spec, dataset, machine, runs, peak, peak_source)
+    _print_report(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))

@@ -9,18 +9,9 @@ parent writes to ``OUT``. What is timed, and how the two trainers are set up, is
 
 from __future__ import annotations
 
-import hashlib
-import json
 import statistics
 import tempfile
 import time
-
-
-def tokens_hash(features: list[dict]) -> str:
-    h = hashlib.sha256()
-    for f in features:
-        h.update(json.dumps([list(f["prompt_ids"]), list(f["chosen_ids"]), list(f["rejected_ids"])]).encode())
-    return h.hexdigest()[:16]
 
 
 def pair_tokens(f: dict) -> int:
@@ -32,14 +23,6 @@ def _sync(device: str) -> None:
     if device == "cuda":
         import torch
         torch.cuda.synchronize()
-
-
-def _autocast(spec: dict):
-    import torch
-    from contextlib import nullcontext
-    if spec["dtype"] == "bf16":
-        return torch.autocast(spec["device"], dtype=torch.bfloat16)
-    return nullcontext()
 
 
 class PolicyAsReference:
@@ -54,10 +37,11 @@ class PolicyAsReference:
 
         from dpo_lib.data import batch_to
         from dpo_lib.logprobs import concatenated_forward
+        from dpo_lib.precision import autocast
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), _autocast(self.spec):
+            with torch.no_grad(), autocast(self.spec["dtype"], self.spec["device"]):
                 batch = batch_to(batch, self.spec["device"])
                 chosen, rejected = concatenated_forward(self.model, batch, compact_head=True)
                 return chosen.float().cpu(), rejected.float().cpu()
@@ -66,7 +50,7 @@ class PolicyAsReference:
 
 
 def run_dpo_lib(spec: dict, model, tokenizer) -> dict:
-    from dpo_lib.data import tokenize_rows
+    from dpo_lib.data import token_ids_hash, tokenize_rows
     from dpo_lib.reference import precompute_reference_logps
     from dpo_lib.trainer import DPOTrainer, TrainConfig
 
@@ -103,7 +87,7 @@ def run_dpo_lib(spec: dict, model, tokenizer) -> dict:
             "reference_cpu_seconds": reference_cpu_seconds,
             "step_seconds": [b - a for a, b in zip(stamps, stamps[1:])],
             "step_cpu_seconds": [b - a for a, b in zip(cpu, cpu[1:])], "losses": losses,
-            "tokens_hash": tokens_hash(features), "step_tokens": _step_tokens(features, spec),
+            "tokens_hash": token_ids_hash(features), "step_tokens": _step_tokens(features, spec),
             "step_scored_tokens": _step_tokens(features, spec, scored=True)}
 
 
@@ -119,6 +103,8 @@ def run_trl(spec: dict, model, tokenizer, ref_model) -> dict:
     import datasets
     import trl
     from transformers import TrainerCallback
+
+    from dpo_lib.data import token_ids_hash
 
     stamps: list[float] = []
     cpu: list[float] = []
@@ -144,8 +130,9 @@ def run_trl(spec: dict, model, tokenizer, ref_model) -> dict:
         train_sampling_strategy="sequential", dataloader_num_workers=0)
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in spec["rows"]]
     t0 = time.perf_counter()
-    trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                             processing_class=tokenizer, callbacks=[StepTimer()])
+    trainer = trl.DPOTrainer(model=model, ref_model=ref_model, args=args,
+                             train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                             callbacks=[StepTimer()])
     prep_seconds = time.perf_counter() - t0
     trainer.train()
     shutil.rmtree(tmp, ignore_errors=True)
@@ -154,7 +141,7 @@ def run_trl(spec: dict, model, tokenizer, ref_model) -> dict:
     return {"prep_seconds": prep_seconds, "reference_seconds": 0.0, "reference_cpu_seconds": 0.0,
             "step_seconds": [b - a for a, b in zip(stamps, stamps[1:])],
             "step_cpu_seconds": [b - a for a, b in zip(cpu, cpu[1:])], "losses": losses,
-            "tokens_hash": tokens_hash(features), "step_tokens": _step_tokens(features, spec),
+            "tokens_hash": token_ids_hash(features), "step_tokens": _step_tokens(features, spec),
             "step_scored_tokens": _step_tokens(features, spec, scored=True)}
 
 
@@ -162,9 +149,10 @@ def child(spec: dict) -> dict:
     """One run of one trainer, in this (fresh) process."""
     import torch
 
-    from dpo_lib.tools.memory import peak_memory_bytes, rss_bytes
     from dpo_lib.models import load_model
-    from dpo_lib.tools.flops import dpo_step_flops, model_shape
+    from dpo_lib.tools.flops import dpo_step_flops
+    from dpo_lib.tools.memory import peak_memory_bytes, rss_bytes
+    from dpo_lib.tools.specs import model_spec
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
@@ -187,7 +175,7 @@ def child(spec: dict) -> dict:
     warm_cpu = out["step_cpu_seconds"][1:] or out["step_cpu_seconds"]
     ref_cpu_share = out["reference_cpu_seconds"] * sum(warm_tokens) / max(sum(tokens), 1)
     # model FLOPs of the DPO algorithm (policy forward+backward, reference forward), the same for both trainers
-    shape = model_shape(model)
+    shape = model_spec(model)
     warm_scored = out["step_scored_tokens"][1:] or out["step_scored_tokens"]
     flops = dpo_step_flops(shape, sum(warm_tokens), sum(warm_scored), reference="live")["total"]
     out.update({
