@@ -1,10 +1,9 @@
 import torch
+from _tiny import tiny, toy_rows
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dpo_lib.data import collate, tokenize_rows
 from dpo_lib.logprobs import concatenated_forward, sequence_logprobs
-
-from _tiny import tiny, toy_rows
 
 
 def naive(logits, input_ids, mask, average=False):
@@ -57,7 +56,9 @@ def test_no_second_BTV_tensor():
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for o in (out if isinstance(out, (tuple, list)) else [out]):
-                if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
+                shares_logits = isinstance(o, torch.Tensor) and \
+                    o.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr()
+                if isinstance(o, torch.Tensor) and not shares_logits:
                     sizes.append(o.numel())
             return out
 

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from _tiny import conv_row
 
+from dpo_lib.course.mask_view import mask_counts, mask_table, show_mask, token_info, visible
 from dpo_lib.data import collate, tokenize_pair
 from dpo_lib.logprobs import sequence_logprobs
 from dpo_lib.models import tiny_tokenizer
-from dpo_lib.course.mask_view import mask_counts, mask_table, show_mask, token_info, visible
-
-from _tiny import conv_row
 
 
 @pytest.fixture
@@ -22,7 +21,8 @@ def test_roles_and_shift(batch):
     tok, pair, b = batch
     n_prompt, n_chosen, n_rejected = len(pair["prompt_ids"]), len(pair["chosen_ids"]), len(pair["rejected_ids"])
     infos = token_info(tok, b["input_ids"], b["completion_mask"], b["attention_mask"], row=1)
-    assert [i.role for i in infos] == ["prompt"] * n_prompt + ["scored"] * n_rejected + ["pad"] * (n_chosen - n_rejected)
+    expected = ["prompt"] * n_prompt + ["scored"] * n_rejected + ["pad"] * (n_chosen - n_rejected)
+    assert [i.role for i in infos] == expected
     for i in infos:
         assert i.scored_by == (i.position - 1 if i.role == "scored" else None)
         assert i.token_id == int(b["input_ids"][1, i.position])
