@@ -100,6 +100,22 @@ def check_validate(a) -> None:
     _check("--max-length", a.max_length, at_least(2))
 
 
+def check_bench(a) -> None:
+    if a.dataset is not None:
+        _check_input("--dataset", a.dataset)
+    if a.json is not None and a.json.is_dir():
+        raise ConfigError("json", f"is a folder, expected a file to write: {a.json}")
+    _check("--steps", a.steps, at_least(2))  # the first step of each run is a warm-up, not timed
+    for flag in ("batch_size", "repeats", "threads", "micro_batch_size"):
+        _check(flag, getattr(a, flag), at_least(1))
+    if a.micro_batch_size is not None and a.batch_size % a.micro_batch_size:
+        raise ConfigError("micro_batch_size", f"must divide --batch-size {a.batch_size} (got {a.micro_batch_size})")
+    _check("--max-length", a.max_length, at_least(2))
+    for flag in ("learning_rate", "beta", "peak_flops"):
+        _check(flag, getattr(a, flag), positive)
+    _check("--seed", a.seed, at_least(0))
+
+
 # ---------------------------------------------------------------- commands
 
 def _threads(n: int | None) -> None:
@@ -191,7 +207,7 @@ def _bench(a) -> int:
 
 
 COMMANDS = {"train": (None, cmd_train), "pairs": (check_pairs, cmd_pairs), "validate": (check_validate, cmd_validate),
-            "bench": (None, _bench)}
+            "bench": (check_bench, _bench)}
 
 
 def _interrupted(e) -> int:

@@ -172,6 +172,16 @@ def test_bad_pairs_flags(tmp_path):
         assert res.returncode == 2 and res.stderr.startswith(message), res.stderr
 
 
+def test_bad_bench_flags(tmp_path):
+    for flags, message in [(("--steps", 1), "error: --steps: must be >= 2"),
+                           (("--batch-size", 4, "--micro-batch-size", 3), "error: --micro-batch-size: must divide"),
+                           (("--dataset", tmp_path), "error: --dataset: not a file"),
+                           (("--json", tmp_path), "error: --json: is a folder"),
+                           (("--beta", 0), "error: --beta: must be > 0")]:
+        res = cli("bench", "--vs", "trl", *flags)
+        assert res.returncode == 2 and res.stderr.startswith(message), res.stderr
+
+
 def _long_run(d, model, train, test, out, *extra):
     return train_args(d, model, train, test, out, "--save-every", 2, "--no-eval", "--precision", "fp32",
                       "--max-steps", 60, *extra)
