@@ -129,3 +129,51 @@ def test_exercise_with_solutions_put_back_passes(solution, execute_notebook):
     assert not any(ex.TODO.match(line) for c in filled.cells if c.cell_type == "code"
                    for line in c.source.splitlines())
     execute_notebook(filled, cwd=REPO / "exercises")  # raises CellExecutionError on any failing cell
+
+
+# ------------------------------------------------------------------ hints, tasks and "What you should see" (issue 16)
+
+def test_hint_cells_are_collapsed_in_the_exercise():
+    sol = _solution_notebook()
+    sol.cells.insert(2, ex.hint_cell("multiply by two"))
+    sol.cells[2].metadata.pop("jupyter")  # even one written by hand without the metadata
+    nb = ex.make_exercise(sol, "x.ipynb")
+    hint = nb.cells[3]
+    assert ex.is_hint(hint) and hint.metadata["jupyter"]["source_hidden"] is True
+    assert hint.source.startswith("<details>") and hint.source.endswith("</details>")
+
+
+def _sections(nb):
+    """(markdown cells since the previous code cell, code cell) for every code cell."""
+    run = []
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            run.append(cell)
+        else:
+            yield run, cell
+            run = []
+
+
+@pytest.mark.parametrize("solution", SOLUTIONS, ids=[p.name for p in SOLUTIONS])
+def test_every_exercise_has_a_hint_a_task_and_what_you_should_see(solution):
+    exercise = nbformat.read(REPO / "exercises" / solution.name, as_version=4)
+    n_exercises = 0
+    for markdown, cell in _sections(exercise):
+        todos = [line for line in cell.source.splitlines() if ex.TODO.match(line)]
+        if todos:
+            n_exercises += 1
+            hints = [m for m in markdown if ex.is_hint(m)]
+            assert hints and hints[-1].metadata["jupyter"]["source_hidden"], cell.source[:80]
+        for line in todos:  # the TODO states the task, not the solution
+            task = line.split("TODO:", 1)[1]
+            assert task.strip().startswith(("return", "take")), line
+            assert not any(code in task for code in ("torch.", "no_grad", "softmax", "[:, ", ".sum", "=")), line
+        if any(line.startswith("check_") for line in cell.source.splitlines()):
+            assert markdown and markdown[-1].source.startswith("**What you should see:**"), cell.source
+    minimum = {"04": 4, "05": 3}.get(solution.name[:2], 1)
+    assert n_exercises >= minimum, (solution.name, n_exercises)
+
+
+def test_a_graded_derivation_question_exists():
+    sources = [c.source for p in SOLUTIONS for c in nbformat.read(p, as_version=4).cells if c.cell_type == "markdown"]
+    assert sum("Derive it" in s for s in sources) >= 1

@@ -2,7 +2,8 @@
 
 * :mod:`~dpo_lib.course.bandit` — the preference bandit of lesson 01 (every quantity in closed form);
 * :mod:`~dpo_lib.course.mask_view` — the token-mask view of lesson 02;
-* :mod:`~dpo_lib.course.graders` (and :mod:`~dpo_lib.course.graders_lm`) — the ``check_*`` functions of
-  the exercise notebooks, built on :mod:`~dpo_lib.course.grading_engine`;
+* :mod:`~dpo_lib.course.graders` — the ``check_*`` functions of the exercise notebooks (those of lessons
+  02–03 live in :mod:`~dpo_lib.course.graders_lm`, of lessons 04–05 in :mod:`~dpo_lib.course.graders_rlhf`),
+  built on :mod:`~dpo_lib.course.grading_engine`;
 * :mod:`~dpo_lib.course.exercises` — generates ``exercises/`` from ``solutions/``.
 """

@@ -11,7 +11,8 @@ Equation numbers are those of Rafailov et al. 2023, "Direct Preference Optimizat
 * Eq. 5, the implicit reward: :math:`r(y) = \beta\log\frac{\pi^*(y)}{\pi_\text{ref}(y)} + \beta\log Z`.
 * Eq. 6, Bradley–Terry on implicit rewards: :math:`p(y_1\succ y_2)=\sigma(r_1-r_2)`; the
   :math:`\beta\log Z` terms cancel in the difference.
-* Eq. 7, the DPO loss (:func:`dpo_lib.losses.dpo_loss`) with :math:`\log\pi_\theta(y)=\theta_y-\mathrm{logsumexp}(\theta)`.
+* Eq. 7, the DPO loss (:func:`dpo_lib.losses.dpo_loss`) with
+  :math:`\log\pi_\theta(y)=\theta_y-\mathrm{logsumexp}(\theta)`.
 * Eq. 8, its gradient: each pair is weighted by :math:`\sigma(\hat r_l-\hat r_w)` (:func:`dpo_grad_weight`).
 
 Why the DPO minimiser is :math:`\pi^*`. Write :math:`u_y=\beta\log\pi_\theta(y)/\pi_\text{ref}(y)`.

@@ -1,18 +1,23 @@
 """Exercise notebooks are generated from the solution notebooks; never edit them by hand.
 
 In a solution notebook (``solutions/*.ipynb``), the learner's part of a code cell sits
-between two marker comments; the text after ``BEGIN SOLUTION`` is the hint::
+between two marker comments; the text after ``BEGIN SOLUTION`` states the *task* (what to
+return), never the way to do it::
 
     def optimal_policy(ref_probs, rewards, beta):
-        # BEGIN SOLUTION multiply pi_ref by exp(r / beta), then normalise
-        unnormalised = ref_probs * torch.exp(rewards / beta)
-        return unnormalised / unnormalised.sum()
+        # BEGIN SOLUTION return pi*, a [K] tensor that sums to 1
+        return torch.softmax(torch.log(ref_probs) + rewards / beta, dim=-1)
         # END SOLUTION
 
 :func:`generate` writes ``exercises/<same name>.ipynb`` where each region (markers
 included) becomes one line, at the indentation of the ``BEGIN`` marker::
 
-        raise NotImplementedError("TODO: multiply pi_ref by exp(r / beta), then normalise")
+        raise NotImplementedError("TODO: return pi*, a [K] tensor that sums to 1")
+
+How to do it goes in a **hint cell**: a markdown cell of the solution notebook that starts with
+``<details><summary>Hint`` (see :func:`hint_cell`); it renders collapsed, and the generator
+also marks its source hidden (``"jupyter": {"source_hidden": true}``), so a learner opens it only
+when stuck.
 
 Outputs are kept up to the first exercise (the lesson's demos stay readable) and cleared
 from there on, except in ``# NBVAL_CHECK_OUTPUT`` cells, whose stored output is what the
@@ -35,7 +40,8 @@ import nbformat
 BEGIN = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION\b[ \t]*(?P<hint>.*?)[ \t]*$")
 END = re.compile(r"^[ \t]*# END SOLUTION\b")
 TODO = re.compile(r'^[ \t]*raise NotImplementedError\(["\']TODO')
-DEFAULT_HINT = "write your solution here"
+HINT = re.compile(r"^\s*<details>\s*<summary>(<b>)?\s*Hint", re.IGNORECASE)
+DEFAULT_HINT = "write your solution here"  # the TODO text of a region whose BEGIN marker states no task
 NOTE_ID = "exercise-note"
 
 
@@ -43,6 +49,19 @@ def _todo_line(indent: str, hint: str) -> str:
     message = "TODO: " + (hint or DEFAULT_HINT)
     literal = f'"{message}"' if '"' not in message and "\\" not in message else repr(message)
     return f"{indent}raise NotImplementedError({literal})"
+
+
+def is_hint(cell) -> bool:
+    """A collapsed hint cell: markdown that starts with ``<details><summary>Hint``."""
+    return cell.cell_type == "markdown" and bool(HINT.match(cell.source))
+
+
+def hint_cell(text: str, title: str = "Hint") -> nbformat.NotebookNode:
+    """A markdown hint cell, collapsed (``<details>``) and with its source hidden; ``text`` is markdown."""
+    cell = nbformat.v4.new_markdown_cell(f"<details><summary><b>{title}</b> (click to open)</summary>\n\n"
+                                         f"{text.strip()}\n\n</details>")
+    cell.metadata["jupyter"] = {"source_hidden": True}
+    return cell
 
 
 def solution_regions(source: str) -> list[tuple[int, int]]:
@@ -80,6 +99,8 @@ def make_exercise(solution: nbformat.NotebookNode, name: str = "") -> nbformat.N
         if cell.cell_type == "markdown" and name:
             cell.source = cell.source.replace(f"solutions/{name}", f"exercises/{name}")
         cell.metadata.pop("execution", None)  # execution timestamps: noise
+        if is_hint(cell):
+            cell.metadata["jupyter"] = {**cell.metadata.get("jupyter", {}), "source_hidden": True}
         if cell.cell_type != "code":
             continue
         has_solution = bool(solution_regions(cell.source))
@@ -90,7 +111,8 @@ def make_exercise(solution: nbformat.NotebookNode, name: str = "") -> nbformat.N
             cell.outputs, cell.execution_count = [], None
     note = nbformat.v4.new_markdown_cell(
         "> **Practice notebook.** Replace each `raise NotImplementedError(\"TODO: ...\")` with your code and "
-        "run the check cell below it. To check the whole notebook: "
+        "run the check cell below it; when stuck, open the collapsed **Hint** above the exercise. "
+        "To check the whole notebook: "
         f"`pytest --nbval-lax exercises/{name}`.  \n"
         f"> *Course authors:* this file is generated from `solutions/{name}` by "
         "`python -m dpo_lib exercises`; edit the solution, then regenerate."

@@ -13,7 +13,9 @@ is reported. Outputs are compared component by component, so two mistakes in two
 different outputs (say, the loss and the rewards) give two hints.
 
 Lessons add graders by building a :class:`Grader`: a name, the reference, a function that
-makes the arguments of case ``k``, and the mistakes. ``GRADERS`` lists the ready-made ones.
+makes the arguments of case ``k``, and the mistakes. ``GRADERS`` lists the ready-made ones. Where the
+learner's output feeds a backward pass, the grader compares its gradient too (``Grader.grads``): a loss
+with the right values and a detached term fails with its own hint.
 """
 
 from __future__ import annotations
@@ -24,21 +26,33 @@ import torch
 import torch.nn.functional as F
 
 from dpo_lib.course.bandit import optimal_policy
-from dpo_lib.course.grading_engine import BETAS, Grader, HarnessGrader, Mistake, _gather  # noqa: F401 (HarnessGrader re-exported)
 from dpo_lib.course.graders_lm import (  # noqa: F401 (lessons 02 and 03: the check cells import them from here)
-    LM_GRADERS, check_concatenated_logps, check_dpo_train_step, check_reference_logps, check_split_prompt_completion,
-    reference_concatenated_logps, reference_dpo_train_step, reference_reference_logps,
+    LM_GRADERS,
+    check_concatenated_logps,
+    check_dpo_train_step,
+    check_reference_logps,
+    check_split_prompt_completion,
+    reference_concatenated_logps,
+    reference_dpo_train_step,
+    reference_reference_logps,
     reference_split_prompt_completion,
 )
+from dpo_lib.course.graders_rlhf import *  # noqa: F401,F403 (lessons 04 and 05: the check cells import them from here)
+from dpo_lib.course.graders_rlhf import RLHF_GRADERS
+from dpo_lib.course.grading_engine import BETAS, Grader, HarnessGrader, Mistake, _gather  # noqa: F401 (re-exported)
 from dpo_lib.logprobs import sequence_logprobs
 from dpo_lib.losses import dpo_loss
 
 
 # --------------------------------------------------------------------------- case makers
 def _bandit_case(g: torch.Generator, k: int) -> tuple:
+    """Float32 cases; the last one has β = 0.01 and rewards up to 2.5, where exp(r/β) overflows (> 3.4e38)."""
     K = 3 + k % 5
     ref = torch.softmax(torch.randn(K, generator=g), -1)
     rewards = torch.randn(K, generator=g)
+    if k == 5:
+        rewards[0] = 2.5
+        return ref, rewards, 0.01
     return ref, rewards, BETAS[k % len(BETAS)]
 
 
@@ -129,6 +143,17 @@ DPO_LOSS_MISTAKES = [
     Mistake("the rewards have the wrong sign: reward = β·(log π_θ(y) - log π_ref(y)), policy minus reference.",
             _sigmoid_loss(lambda pc, pr, rc, rr, b: reference_dpo_loss(pc, pr, rc, rr, b)[0],
                           lambda pc, pr, rc, rr, b: (b * (rc - pc).detach(), b * (rr - pr).detach()))),
+    Mistake("the loss is cut from the autograd graph (.detach(), .item(), numpy or torch.no_grad): its values are "
+            "right but no gradient reaches the policy, so training would change nothing.",
+            lambda *a: (reference_dpo_loss(*a)[0].detach(), *reference_dpo_loss(*a)[1:])),
+    Mistake("the chosen log-ratio is detached inside the loss: the values are right, but no gradient reaches "
+            "policy_chosen_logps, so training could never raise the chosen reply's probability. Detach only the "
+            "rewards you return, not the terms of the loss.",
+            _sigmoid_loss(lambda pc, pr, rc, rr, b: -F.logsigmoid(b * _h(pc.detach(), pr, rc, rr)))),
+    Mistake("the rejected log-ratio is detached inside the loss: the values are right, but no gradient reaches "
+            "policy_rejected_logps, so training could never lower the rejected reply's probability. Detach only "
+            "the rewards you return, not the terms of the loss.",
+            _sigmoid_loss(lambda pc, pr, rc, rr, b: -F.logsigmoid(b * _h(pc, pr.detach(), rc, rr)))),
 ]
 
 
@@ -166,6 +191,39 @@ IPO_MISTAKES = [
             lambda *a: reference_ipo_loss(*a).mean()),
     Mistake("the reference log-probs are missing: h uses log π_θ(y) - log π_ref(y) for both responses.",
             lambda pc, pr, rc, rr, b: (pc - pr - 1 / (2 * b)) ** 2),
+    Mistake("the loss is cut from the autograd graph (.detach(), .item(), numpy or torch.no_grad): its values are "
+            "right but no gradient reaches the policy.", lambda *a: reference_ipo_loss(*a).detach()),
+]
+
+
+def reference_dpo_gradient(pc, pr, rc, rr, beta):
+    """∂ℓ/∂log π_θ(y_w) and ∂ℓ/∂log π_θ(y_l) of the per-pair DPO loss, by autograd: ``([B], [B])``."""
+    pc, pr = pc.detach().requires_grad_(), pr.detach().requires_grad_()
+    return torch.autograd.grad(dpo_loss(pc, pr, rc, rr, beta=beta)[0].sum(), (pc, pr))
+
+
+def _gradient_pair(weight: Callable, chosen_sign: float = -1.0, rejected_sign: float = 1.0) -> Callable:
+    def fn(pc, pr, rc, rr, b):
+        w = weight(pc.detach(), pr.detach(), rc, rr, b)
+        return chosen_sign * w, rejected_sign * w
+    return fn
+
+
+DPO_GRADIENT_MISTAKES = [
+    Mistake("β is missing in front: ∂ℓ/∂log π_θ(y_w) = -β·σ(r̂_l - r̂_w); the chain rule through σ(β·h) brings "
+            "out a factor β.", _gradient_pair(lambda pc, pr, rc, rr, b: torch.sigmoid(-b * _h(pc, pr, rc, rr)))),
+    Mistake("the argument of σ is reversed: the weight is σ(r̂_l - r̂_w), large when the implicit reward orders "
+            "the pair wrongly (d/dz of -log σ(z) is -σ(-z)).",
+            _gradient_pair(lambda pc, pr, rc, rr, b: b * torch.sigmoid(b * _h(pc, pr, rc, rr)))),
+    Mistake("β is missing inside σ: the implicit rewards r̂ = β·(log π_θ - log π_ref) include β, so the weight "
+            "is σ(β·((log π_θ(y_l) - log π_ref(y_l)) - (log π_θ(y_w) - log π_ref(y_w)))).",
+            _gradient_pair(lambda pc, pr, rc, rr, b: b * torch.sigmoid(-_h(pc, pr, rc, rr)))),
+    Mistake("the signs are swapped: gradient descent must raise log π_θ(y_w), so ∂ℓ/∂log π_θ(y_w) is negative "
+            "and ∂ℓ/∂log π_θ(y_l) positive.",
+            _gradient_pair(lambda pc, pr, rc, rr, b: b * torch.sigmoid(-b * _h(pc, pr, rc, rr)), 1.0, -1.0)),
+    Mistake("both derivatives have the same sign: h = (chosen log-ratio) - (rejected log-ratio), so they are "
+            "opposite, -w and +w.",
+            _gradient_pair(lambda pc, pr, rc, rr, b: b * torch.sigmoid(-b * _h(pc, pr, rc, rr)), -1.0, -1.0)),
 ]
 
 
@@ -256,18 +314,24 @@ OPTIMAL_POLICY_MISTAKES = [
     Mistake("π_ref is missing: π* = π_ref·exp(r/β)/Z, not softmax(r/β).", lambda p, r, b: torch.softmax(r / b, -1)),
     Mistake("the sign of the reward is flipped: exp(+r/β) favours high reward.",
             lambda p, r, b: _normalise(p * torch.exp(-r / b))),
+    Mistake("exp(r/β) overflows: in float32 it is inf as soon as r/β > 88 (β = 0.01 and r = 2.5 here), and "
+            "inf/inf is nan. Work in log space: softmax(log π_ref + r/β) subtracts the largest term before "
+            "exponentiating, so nothing overflows.", lambda p, r, b: _normalise(p * torch.exp(r / b))),
 ]
 
 _LOGPS = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "beta")
+_LOSS_GRADS = (("losses", "policy_chosen_logps"), ("losses", "policy_rejected_logps"))
 
 GRADERS: dict[str, Grader] = {
     "optimal_policy": Grader("optimal_policy", optimal_policy, _bandit_case, ("ref_probs", "rewards", "beta"),
                              ("probs",), OPTIMAL_POLICY_MISTAKES),
     "dpo_loss": Grader("dpo_loss", reference_dpo_loss, _logp_case, _LOGPS,
                        ("losses", "chosen_rewards", "rejected_rewards"), DPO_LOSS_MISTAKES,
-                       (_loss_in_graph, _rewards_detached)),
+                       (_loss_in_graph, _rewards_detached), grads=_LOSS_GRADS),
     "ipo_loss": Grader("ipo_loss", reference_ipo_loss, _logp_case, _LOGPS, ("losses",), IPO_MISTAKES,
-                       (_loss_in_graph,)),
+                       (_loss_in_graph,), grads=_LOSS_GRADS),
+    "dpo_gradient": Grader("dpo_gradient", reference_dpo_gradient, _logp_case, _LOGPS,
+                           ("d_chosen", "d_rejected"), DPO_GRADIENT_MISTAKES),
     "implicit_rewards": Grader("implicit_rewards", reference_implicit_rewards, _rewards_case,
                                ("policy_logps", "ref_logps", "beta"), ("rewards",), IMPLICIT_REWARD_MISTAKES,
                                (_detached,)),
@@ -278,6 +342,7 @@ GRADERS: dict[str, Grader] = {
     "completion_mask": Grader("completion_mask", reference_completion_mask, _mask_case,
                               ("attention_mask", "prompt_lengths"), ("completion_mask",), MASK_MISTAKES),
     **LM_GRADERS,  # lessons 02 and 03: dpo_lib.course.graders_lm
+    **RLHF_GRADERS,  # lessons 04 and 05: dpo_lib.course.graders_rlhf
 }
 
 
@@ -295,6 +360,12 @@ def check_dpo_loss(fn: Callable) -> None:
 def check_ipo_loss(fn: Callable) -> None:
     """Same arguments as :func:`check_dpo_loss`; ``fn`` returns ``losses [B] = (h - 1/(2β))**2``."""
     GRADERS["ipo_loss"](fn)
+
+
+def check_dpo_gradient(fn: Callable) -> None:
+    """Same arguments as :func:`check_dpo_loss`; ``fn`` returns ``(d_chosen [B], d_rejected [B])``, the derivatives
+    of each pair's loss with respect to the policy's two log-probs (Eq. 8), compared with autograd."""
+    GRADERS["dpo_gradient"](fn)
 
 
 def check_implicit_rewards(fn: Callable) -> None:

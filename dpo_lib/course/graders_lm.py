@@ -13,10 +13,17 @@ from typing import Any, Callable
 
 import torch
 
-from dpo_lib.course.grading_engine import BETAS, Grader, HarnessGrader, Mistake, _Case, _describe, _gather
+from dpo_lib.course.grading_engine import (
+    Grader,
+    HarnessGrader,
+    Mistake,
+    _Case,
+    _describe,
+    _gather,
+    probe_weights,
+)
 from dpo_lib.logprobs import concatenated_forward, sequence_logprobs
 from dpo_lib.losses import dpo_loss
-
 
 _WORDS = ["good", "bad", "film", "cafe", "slow", "warm", "cold", "nice", "plot", "rain", "sun", "tea"]
 _TOKENIZERS: dict[bool, Any] = {}
@@ -80,7 +87,8 @@ def _run_split(fn: Callable, case: _Case) -> tuple:
     if out is None:
         raise AssertionError("✗ split_prompt_completion: your function returned None — did you forget `return`?")
     if not isinstance(out, (tuple, list)) or len(out) != 2:
-        raise AssertionError(f"✗ split_prompt_completion: return a tuple (prompt_ids, completion_ids), got {_describe(out)}")
+        raise AssertionError("✗ split_prompt_completion: return a tuple (prompt_ids, completion_ids), "
+                             f"got {_describe(out)}")
     return tuple(_ids(x, what, "split_prompt_completion") for x, what in zip(out, ("prompt_ids", "completion_ids")))
 
 
@@ -163,8 +171,21 @@ def reference_concatenated_logps(model, batch):
     return concatenated_forward(model, batch)
 
 
+def _weight_gradient(model, chosen, rejected) -> torch.Tensor:
+    """The gradient, over every weight of ``model``, of a fixed weighted sum of the chosen and rejected
+    log-probs (zeros when they are not in the autograd graph): what a backward through them would see."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum((t * probe_weights(t) * sign).sum() for t, sign in ((chosen, 1.0), (rejected, -0.5))
+                if isinstance(t, torch.Tensor) and t.requires_grad)
+    if not isinstance(total, torch.Tensor):  # neither output is in the graph
+        return torch.cat([torch.zeros_like(p).reshape(-1) for p in params])
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+
+
 def _run_concatenated(fn: Callable, case: _Case) -> tuple:
-    return _pair_of_logps(fn(case.model, _clone_batch(case.batch)), "concatenated_logps")
+    chosen, rejected = _pair_of_logps(fn(case.model, _clone_batch(case.batch)), "concatenated_logps")
+    return chosen, rejected, _weight_gradient(case.model, chosen, rejected)
 
 
 def _all_logps(model, batch, mask=None, shift=True, average=False):
@@ -188,6 +209,10 @@ CONCATENATED_MISTAKES = [
     Mistake("the prompt is not masked: score only the completion tokens (completion_mask), not every real "
             "token (attention_mask).",
             lambda model, batch: _all_logps(model, batch, mask=batch["attention_mask"]).chunk(2)),
+    Mistake("the log-probs carry no gradient: the values are right, but they were computed under torch.no_grad() "
+            "(or detached), so loss.backward() cannot reach the policy's weights. The policy's forward must run "
+            "with autograd on; only the reference runs under no_grad.",
+            lambda model, batch: tuple(t.detach() for t in concatenated_forward(model, batch))),
 ]
 
 
@@ -274,12 +299,18 @@ reference_dpo_train_step.__doc__ = (
     "zero_grad / backward / step; returns the loss as a float.")
 
 
+# Well-conditioned steps: β·lr small enough that two SGD steps keep the weights near their initial scale
+# (|Δw| < 1), so a correct step written another way (a full log_softmax, two forwards) agrees to float
+# rounding. With lr = 2 and β = 2 the weights reached |w| ≈ 190 and correct answers differed by 1e-3.
+_TRAIN_BETAS = (0.1, 0.5, 0.05, 0.3, 0.2, 0.4)
+
+
 def _train_case(g: torch.Generator, k: int) -> tuple:
     policy = _tiny_lm(k)
     same = k % 2 == 0  # even cases: the reference is a copy of the policy (loss ln 2 at the first step)
     ref = copy.deepcopy(policy) if same else _tiny_lm(100 + k)
     batches = [_pair_batch(g, (2, 1, 3)[k % 3]), _pair_batch(g, (1, 2, 2)[k % 3])]
-    beta, lr = BETAS[k % len(BETAS)], 2.0
+    beta, lr = _TRAIN_BETAS[k % len(_TRAIN_BETAS)], 0.2
     label = (f"tiny Llama policy (seed {k}), reference = {'a copy of the policy' if same else f'seed {100 + k}'}, "
              f"beta={beta}, SGD lr={lr}, two steps on batches of {_batch_label(batches[0])} and "
              f"{_batch_label(batches[1])}")
@@ -333,7 +364,7 @@ LM_GRADERS: dict[str, Grader] = {g.name: g for g in [
     HarnessGrader("split_prompt_completion", reference_split_prompt_completion, _split_case, ("case",),
                   ("prompt_ids", "completion_ids"), SPLIT_MISTAKES, run=_run_split),
     HarnessGrader("concatenated_logps", reference_concatenated_logps, _lm_case, ("case",),
-                  ("chosen_logps", "rejected_logps"), CONCATENATED_MISTAKES, run=_run_concatenated),
+                  ("chosen_logps", "rejected_logps", "weight_gradient"), CONCATENATED_MISTAKES, run=_run_concatenated),
     HarnessGrader("reference_logps", reference_reference_logps, _lm_case, ("case",),
                   ("chosen_logps", "rejected_logps", "gradients_tracked"), REFERENCE_MISTAKES, run=_run_reference),
     HarnessGrader("dpo_train_step", reference_dpo_train_step, _train_case, ("case",),

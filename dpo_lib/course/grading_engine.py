@@ -8,6 +8,7 @@ an optimizer built from the case), for the graders of lessons 02 and 03 (:mod:`d
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -32,6 +33,9 @@ class Grader:
     ``outputs`` names the returned values (one name: a single output; several: a tuple).
     ``checks`` are structural tests run once the values match: ``check(args, outputs)``
     returns a hint string when something is wrong (e.g. rewards not detached), else None.
+    ``grads`` lists ``(output name, argument name)`` pairs whose gradient is compared too, as one
+    more output named ``∂output/∂argument`` (the gradient of a fixed weighted sum of the output's
+    entries; zero when the output is cut from the graph): right values with a wrong gradient fail.
     """
 
     name: str
@@ -41,11 +45,17 @@ class Grader:
     outputs: Sequence[str] = ("output",)
     mistakes: Sequence[Mistake] = ()
     checks: Sequence[Callable[[tuple, tuple], str | None]] = ()
+    grads: Sequence[tuple[str, str]] = ()
     n_cases: int = 6
     rtol: float = 1e-4
     atol: float = 1e-5
     seed: int = 0
     cases: list = field(default_factory=list, init=False, repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        """The compared outputs: the returned values, then the gradients of :attr:`grads`."""
+        return list(self.outputs) + [f"∂{o}/∂{a}" for o, a in self.grads]
 
     def __call__(self, fn: Callable) -> None:
         g = torch.Generator().manual_seed(self.seed)
@@ -53,7 +63,7 @@ class Grader:
         got = [self._outputs(fn, args) for args in self.cases]  # learner errors propagate (TODO cells)
         want = [self._outputs(self.reference, args) for args in self.cases]
         bad = {c: [k for k in range(self.n_cases) if not _close(got[k][c], want[k][c], self.rtol, self.atol)]
-               for c in range(len(self.outputs))}
+               for c in range(len(self.names))}
         bad = {c: ks for c, ks in bad.items() if ks}
         if bad:
             raise AssertionError(self._explain(got, want, bad))
@@ -65,42 +75,89 @@ class Grader:
         print(f"✓ {self.name}: {self.n_cases}/{self.n_cases} cases match")
 
     def _outputs(self, fn: Callable, args: tuple) -> tuple:
-        out = fn(*_clone(args))
+        args = _clone(args)
+        out = fn(*args)
         if len(self.outputs) == 1:
             out = (out,)
         elif not isinstance(out, (tuple, list)) or len(out) != len(self.outputs):
             raise AssertionError(f"✗ {self.name}: return a tuple ({', '.join(self.outputs)}), got {_describe(out)}")
         if any(o is None for o in out):
             raise AssertionError(f"✗ {self.name}: your function returned None — did you forget `return`?")
-        return tuple(out)
+        grads = [_gradient(out[list(self.outputs).index(o)], args[list(self.arg_names).index(a)])
+                 for o, a in self.grads]
+        return tuple(out) + tuple(grads)
 
     def _explain(self, got: list, want: list, bad: dict) -> str:
         worst = max(len(ks) for ks in bad.values())
         lines = [f"✗ {self.name}: {worst}/{self.n_cases} cases differ from the reference."]
         variants = [[self._outputs(m.fn, args) for args in self.cases] for m in self.mistakes]
+        # the outputs on which the learner's function agrees with each mistake, on every case
+        agree = [{c for c in range(len(self.names)) if all(_close(got[k][c], var[k][c], self.rtol, self.atol)
+                                                          for k in range(self.n_cases))} for var in variants]
+        covers = [a & set(bad) for a in agree]  # the differences each mistake explains
+        # keep the best explanations: drop a mistake when another explains more, or the same and agrees on more
+        keep = [i for i, s in enumerate(covers) if s and not any(
+            s < t or (s == t and len(agree[j]) > len(agree[i])) for j, t in enumerate(covers))]
         explained: dict[str, list[str]] = {}  # hint -> the outputs it explains
-        unexplained = []
-        for c, ks in bad.items():
-            hints = [m.hint for m, var in zip(self.mistakes, variants)
-                     if all(_close(got[k][c], var[k][c], self.rtol, self.atol) for k in range(self.n_cases))]
-            for h in hints:
-                explained.setdefault(h, []).append(self.outputs[c])
-            if not hints:
-                unexplained.append(c)
+        for i in keep:
+            explained.setdefault(self.mistakes[i].hint, []).extend(self.names[c] for c in sorted(covers[i]))
         for h, names in explained.items():
-            label = f" ({', '.join(names)})" if len(self.outputs) > 1 else ""
+            label = f" ({', '.join(dict.fromkeys(names))})" if len(self.names) > 1 else ""
             lines.append(f"  Likely mistake{label}: {h}")
-        for c in unexplained:
+        for c in [c for c in bad if not any(c in covers[i] for i in keep)]:
             k = bad[c][0]
             inputs = ", ".join(f"{n}={_short(a)}" for n, a in zip(self.arg_names, self.cases[k]))
-            lines += [f"  {self.outputs[c]} differs on case {k}: {inputs}",
-                      f"    expected {_short(want[k][c])}", f"    got      {_short(got[k][c])}"]
+            lines += [f"  {self.names[c]} differs on case {k}: {inputs}",
+                      *_difference(want[k][c], got[k][c], self.rtol, self.atol)]
         return "\n".join(lines)
 
 
 def _clone(args: tuple) -> tuple:
-    return tuple(a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-                 for a in args)
+    return tuple(a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                 else copy.deepcopy(a) if isinstance(a, (list, dict)) else a for a in args)
+
+
+def probe_weights(like: torch.Tensor) -> torch.Tensor:
+    """Fixed, distinct weights (1 to 2) for the entries of ``like``: a gradient probe that sees order and scale."""
+    return torch.linspace(1.0, 2.0, like.numel(), dtype=like.dtype, device=like.device).reshape(like.shape)
+
+
+def _gradient(out: Any, wrt: torch.Tensor) -> torch.Tensor:
+    """∂(Σ w·out)/∂wrt with :func:`probe_weights` ``w``; zeros where ``out`` does not reach ``wrt``."""
+    if not (isinstance(out, torch.Tensor) and out.requires_grad and out.is_floating_point()):
+        return torch.zeros_like(wrt)
+    (grad,) = torch.autograd.grad((out * probe_weights(out)).sum(), wrt, retain_graph=True, allow_unused=True)
+    return torch.zeros_like(wrt) if grad is None else grad
+
+
+def _difference(want: Any, got: Any, rtol: float, atol: float) -> list[str]:
+    """Lines that say how ``got`` differs from ``want``: the values, the shapes, or where and by how much."""
+    tw, tg = _as_tensor(want), _as_tensor(got)
+    if tw is None or tg is None or tw.numel() != tg.numel() or (tw.dim() and tw.shape != tg.shape):
+        lines = [f"    expected {_short(want)}", f"    got      {_short(got)}"]
+        if tw is not None and tg is not None:
+            lines.append(f"    the shapes differ: expected {list(tw.shape)}, got {list(tg.shape)}")
+        return lines
+    lines = [] if tw.numel() > 24 else [f"    expected {_short(want)}", f"    got      {_short(got)}"]
+    tw, tg = tw.reshape(-1), tg.reshape(-1)
+    bad = ~torch.isfinite(tg) & torch.isfinite(tw)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        return lines + [f"    got {tg[i].item()} at index {_index(i, want)} where {tw[i].item():.6g} was expected: "
+                        "an overflow, or a division by zero?"]
+    diff = (tg - tw).abs().nan_to_num(nan=float("inf"))
+    outside = int((diff > atol + rtol * tw.abs()).sum())
+    i = int(diff.argmax())
+    return lines + [f"    largest difference {diff[i].item():.3g} at index {_index(i, want)} (expected "
+                    f"{tw[i].item():.6g}, got {tg[i].item():.6g}); {outside} of {tw.numel()} entries differ by more "
+                    f"than the tolerance (rtol={rtol:g}, atol={atol:g})"]
+
+
+def _index(flat: int, like: Any) -> str:
+    shape = list(like.shape) if isinstance(like, torch.Tensor) else []
+    if len(shape) <= 1:
+        return str(flat) if shape else "0"
+    return str(tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), shape)))
 
 
 def _as_tensor(x: Any) -> torch.Tensor | None:
@@ -117,7 +174,7 @@ def _close(a: Any, b: Any, rtol: float, atol: float) -> bool:
         return False
     if tb.dim() == 0 and ta.numel() == 1:  # a scalar may come back as a float or a 1-element tensor
         ta = ta.reshape(())
-    return ta.shape == tb.shape and torch.allclose(ta, tb, rtol=rtol, atol=atol)
+    return ta.shape == tb.shape and torch.allclose(ta, tb, rtol=rtol, atol=atol, equal_nan=True)
 
 
 def _describe(x: Any) -> str:
