@@ -9,7 +9,11 @@ Counting (Kaplan et al. 2020, Sec. 2.1; the same convention as PaLM's MFU, Chowd
 
 plus the attention scores, :math:`2 \cdot n_{layer} \cdot n_{ctx} \cdot d` per token forward,
 which we leave out (a few percent at the course's lengths; pass ``attention_context`` to add
-it, times 3 for forward + backward).
+it, times 3 for forward + backward). ``n_ctx`` is the sequence length: ``QK^T`` and ``PV`` cost
+:math:`4 \cdot n_{layer} \cdot t \cdot d` at position ``t``, about ``n_ctx/2`` on average under the
+causal mask. A kernel that computes the whole ``T x T`` square (what
+``torch.utils.flop_counter.FlopCounterMode`` counts for eager attention) is ``n_ctx = 2T``
+(``tests/test_flop_count.py``).
 
 ``N``, ``d``, ``V`` and the layer count come from :class:`dpo_lib.tools.specs.ModelSpec`
 (:func:`~dpo_lib.tools.specs.model_spec` of a model or its config; :func:`non_embedding_params`
@@ -77,8 +81,9 @@ def dpo_step_flops(shape: Any, tokens: int, scored: int, reference: str = "live"
     reads one from (a model, its config, a preset name). ``tokens``: non-padding tokens of all
     prompt+chosen and prompt+rejected sequences;
     ``scored``: completion tokens among them; ``reference``: ``"live"`` (a forward per step) or
-    ``"cached"`` (precomputed log-probs: 0). ``attention_context``: mean context length for the
-    attention-score term (off by default). Returns the parts and their ``total``.
+    ``"cached"`` (precomputed log-probs: 0). ``attention_context``: ``n_ctx`` of the attention-score
+    term, the sequence length, not the mean causal context (off by default). Returns the parts
+    and their ``total``.
     """
     if reference not in ("live", "cached"):
         raise ValueError(f"reference must be 'live' or 'cached', got {reference!r}")
