@@ -128,11 +128,9 @@ def train_configs(a) -> tuple[JobConfig, TrainConfig]:
     overrides = {"eval_dataset": None} if a.no_eval else {}
     if getattr(a, "reward", None) == "none":
         overrides["reward"] = None
-    job = from_args(JobConfig, a, **overrides)
-    config = from_args(TrainConfig, a)
-    if job.out is None:
-        job = from_args(JobConfig, a, **overrides, out=Path("runs") / time.strftime("dpo-%Y%m%d-%H%M%S"))
-    return job, config
+    if getattr(a, "out", None) is None and not getattr(a, "resume", False):  # --resume needs the run's own --out
+        overrides["out"] = Path("runs") / time.strftime("dpo-%Y%m%d-%H%M%S")
+    return from_args(JobConfig, a, **overrides), from_args(TrainConfig, a)
 
 
 def cmd_train(a) -> int:

@@ -261,10 +261,9 @@ class DPOTrainer:
         if not first:
             return self.compute_loss(batch)
         loss, m = batch_loss(self.model, batch, self.config, self.reference, self.device, policy_is_reference=True)
-        if first:
-            for i, c, r in zip(idx, batch["ref_chosen_logps"].tolist(), batch["ref_rejected_logps"].tolist()):
-                self.features[i]["ref_chosen_logps"], self.features[i]["ref_rejected_logps"] = c, r
-                self.reference_overrides[str(i)] = (c, r)
+        for i, c, r in zip(idx, batch["ref_chosen_logps"].tolist(), batch["ref_rejected_logps"].tolist()):
+            self.features[i]["ref_chosen_logps"], self.features[i]["ref_rejected_logps"] = c, r
+            self.reference_overrides[str(i)] = (c, r)
         return loss, m
 
     def train_step(self) -> dict:
