@@ -13,6 +13,9 @@
   from the policy's own samples (sequence level, in nats), with its standard error; the
   reference is a model or a reference of :mod:`dpo_lib.reference` (e.g. a LoRA policy's base).
 * :func:`side_by_side` — a Markdown table of reference and policy samples.
+* :class:`HeldoutEval` — a training callback: held-out accuracy and margin every few steps, in
+  the step's metrics (``eval/accuracy``, ``eval/margin``), so the curves show them next to the
+  training batches' figures.
 """
 
 from __future__ import annotations
@@ -67,6 +70,32 @@ def implicit_reward_accuracy(model, features: list[dict], pad_token_id: int, bet
     acc, acc_se = mean_and_se(correct)
     margin, _ = mean_and_se(margins)
     return {"accuracy": acc, "accuracy_se": acc_se, "margin": margin, "pairs": len(features)}
+
+
+class HeldoutEval:
+    """Callback of :meth:`dpo_lib.trainer.DPOTrainer.train`: every ``every`` optimizer steps and at
+    the last one, :func:`implicit_reward_accuracy` on ``features`` (held-out pairs that carry their
+    reference log-probs, or scored by ``reference``), stored in that step's metrics as
+    ``eval/accuracy``, ``eval/accuracy_se`` and ``eval/margin`` (so ``metrics.jsonl`` and the plots
+    carry them). With cached reference log-probs it costs one forward pass over ``features``."""
+
+    def __init__(self, features: list[dict], pad_token_id: int, every: int, reference=None):
+        if every < 1:
+            raise ValueError(f"HeldoutEval: every must be >= 1 (got {every})")
+        self.features, self.pad, self.every, self.reference = features, pad_token_id, every, reference
+        self.last: dict | None = None  # the latest result, e.g. the final held-out accuracy
+
+    def __call__(self, trainer, metrics: dict) -> None:
+        if not self.features or (trainer.step % self.every and trainer.step != trainer.total_steps):
+            return
+        from dpo_lib.precision import autocast
+
+        with autocast(trainer.config.precision):
+            self.last = implicit_reward_accuracy(trainer.model, self.features, self.pad, trainer.config.beta,
+                                                 reference=self.reference)
+        self.last["step"] = trainer.step
+        metrics.update({"eval/accuracy": self.last["accuracy"], "eval/accuracy_se": self.last["accuracy_se"],
+                        "eval/margin": self.last["margin"]})
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ import torch
 
 from dpo_lib import data as D
 from dpo_lib.config import DEFAULT_TEST, DEFAULT_TRAIN, REPO_DATA, JobConfig, TrainConfig  # noqa: F401 (re-exported)
-from dpo_lib.evaluation import implicit_reward_accuracy, mean_and_se, sequence_kl, side_by_side, win_rate
+from dpo_lib.evaluation import HeldoutEval, implicit_reward_accuracy, mean_and_se, sequence_kl, side_by_side, win_rate
 from dpo_lib.logger import package_versions
 from dpo_lib.models import load_model
 from dpo_lib.plots import plot_training
@@ -42,7 +42,8 @@ from dpo_lib.trainer import DPOTrainer
 
 # settings that do not change the trained weights: a resume may change them freely
 RESUME_FREE = {"print_every", "save_every", "keep_checkpoints", "out", "resume", "force_resume", "threads",
-               "eval_samples", "max_eval_prompts", "max_new_tokens", "reward", "eval_dataset", "skip_invalid"}
+               "eval_every", "eval_samples", "max_eval_prompts", "max_new_tokens", "reward", "eval_dataset",
+               "skip_invalid"}
 
 
 class RunFolderBusy(RuntimeError):
@@ -117,14 +118,17 @@ def load(job: JobConfig, config: TrainConfig, out: Path) -> Setup:
     return Setup(model, tokenizer, reference, train_rows, eval_rows, train_f, eval_f, prompts, stats.summary(), key)
 
 
-def evaluate(s: Setup, job: JobConfig, config: TrainConfig, reward_fn, with_kl: bool) -> dict:
-    """Held-out implicit-reward accuracy, samples on the held-out prompts with their true rewards,
-    and (``with_kl``) the sequence-level KL of the samples' policy to the reference."""
+def evaluate(s: Setup, job: JobConfig, config: TrainConfig, reward_fn, with_kl: bool,
+             accuracy: dict | None = None) -> dict:
+    """Held-out implicit-reward accuracy (``accuracy``, when the training loop's last
+    :class:`HeldoutEval` already measured it on the final weights), samples on the held-out prompts
+    with their true rewards, and (``with_kl``) the sequence-level KL of the samples' policy to the
+    reference."""
     result: dict = {}
     pad = s.tokenizer.pad_token_id
     with autocast(config.precision):
         if s.eval_features:
-            result["accuracy"] = implicit_reward_accuracy(s.model, s.eval_features, pad, config.beta)
+            result["accuracy"] = accuracy or implicit_reward_accuracy(s.model, s.eval_features, pad, config.beta)
         if reward_fn and s.eval_prompts:
             result["samples"] = generate(s.model, s.tokenizer, s.eval_prompts, n=job.eval_samples,
                                          max_new_tokens=job.max_new_tokens, seed=config.seed + 1)
@@ -198,7 +202,7 @@ def write_outputs(out: Path, s: Setup, before: dict, after: dict, history: list[
                              before["rewards"], after["rewards"], k=8)
         (out / "samples.md").write_text("# Held-out prompts: reference vs DPO policy\n\n" + table + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    plot_training(history, out)
+    plot_training(history, out, beta=card["config"]["beta"])
     (out / "run_card.json").write_text(json.dumps(card, indent=1))
 
 
@@ -228,9 +232,9 @@ def run(out: Path, job: JobConfig | None = None, config: TrainConfig | None = No
         t0 = time.perf_counter()
         before = evaluate(s, job, config, reward_fn, with_kl=False)
         timings["evaluate_before"] = time.perf_counter() - t0
-        history, train_seconds = _train(s, config, out, job.resume)
+        history, train_seconds, final_accuracy = _train(s, config, out, job.resume, job.eval_every)
         t0 = time.perf_counter()
-        after = evaluate(s, job, config, reward_fn, with_kl=True)
+        after = evaluate(s, job, config, reward_fn, with_kl=True, accuracy=final_accuracy)
         timings["evaluate_after"] = time.perf_counter() - t0
         summary = {"model": job.model or "SmolLM2-135M-Instruct (embedded)", "dataset": str(job.dataset),
                    "train_pairs": len(s.train_features), "heldout_pairs": len(s.eval_features),
@@ -243,16 +247,21 @@ def run(out: Path, job: JobConfig | None = None, config: TrainConfig | None = No
         lock.close()
 
 
-def _train(s: Setup, config: TrainConfig, out: Path, resume: bool) -> tuple[list[dict], float]:
-    trainer = DPOTrainer(s.model, s.train_features, config, pad_token_id=s.tokenizer.pad_token_id, out_dir=out)
+def _train(s: Setup, config: TrainConfig, out: Path, resume: bool, eval_every: int):
+    """Train; returns the history, the seconds it took, and the held-out accuracy of the final
+    weights when the last step evaluated it (``None`` otherwise)."""
+    pad = s.tokenizer.pad_token_id
+    trainer = DPOTrainer(s.model, s.train_features, config, pad_token_id=pad, out_dir=out)
+    heldout = HeldoutEval(s.eval_features, pad, every=eval_every or trainer.total_steps)
     print(f"[dpo_lib] training {trainer.total_steps} steps of {config.batch_size} pairs "
           f"(beta={config.beta}, lr={config.learning_rate}, loss={config.loss_type})")
     t0 = time.perf_counter()
-    history = trainer.train(resume=resume)
+    history = trainer.train(resume=resume, callbacks=[heldout])
     seconds = time.perf_counter() - t0
     if config.save_every:
         trainer.save_checkpoint()
-    return history, seconds
+    final = heldout.last if heldout.last and heldout.last["step"] == trainer.total_steps else None
+    return history, seconds, final
 
 
 def _speed(history: list[dict], train_seconds: float) -> dict:

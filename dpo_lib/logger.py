@@ -47,6 +47,8 @@ def table_rows(m: dict, step: int, total_steps: int, batch_size: int) -> dict:
             "chosen_reward": m["rewards/chosen"], "rejected_reward": m["rewards/rejected"],
             "learning_rate": m["learning_rate"], "grad_norm": m["grad_norm"], "num_pairs": step * batch_size,
             "num_tokens": m["num_tokens"], "tokens_per_second": m["tokens_per_second"],
+            **({"heldout_accuracy": m["eval/accuracy"], "heldout_margin": m["eval/margin"]}
+               if "eval/accuracy" in m else {}),
             "progress": step / total_steps}
 
 

@@ -1,7 +1,24 @@
-"""Training curves from a metrics history (a list of per-step dicts, as in ``metrics.jsonl``)."""
+"""Training curves from a metrics history (a list of per-step dicts, as in ``metrics.jsonl``).
+
+Three panels, drawn the same way by ``python -m dpo_lib train`` (one PNG each) and the lessons
+(:func:`plot_curves`, one figure):
+
+* ``loss`` — the DPO loss of each training batch (ln 2 at step 0);
+* ``rewards`` — implicit-reward accuracy and margin of the training batches, and, when the run
+  evaluated them (:class:`dpo_lib.evaluation.HeldoutEval`), of the held-out pairs on the same axes;
+* ``logps`` — how far the policy's log-probs of the chosen and rejected replies moved from the
+  reference's, :math:`\\log\\pi_\\theta - \\log\\pi_\\text{ref} = \\hat r/\\beta` (nats), smoothed.
+  The raw summed log-probs swing by tens of nats with the lengths of the replies that landed in a
+  batch; the change from the reference, on the same replies, does not, so a fall of the chosen
+  reply shows.
+
+Every panel marks the epoch boundaries: from the second epoch on, the training batches repeat
+pairs the policy has already fitted, so their accuracy rises faster than the held-out one.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -11,33 +28,92 @@ if "inline" not in matplotlib.get_backend():  # notebooks keep their inline back
 import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = {
-    "loss": ("DPO loss (ln 2 at step 0)", ["loss"]),
-    "rewards": ("Implicit-reward accuracy and margin", ["rewards/accuracies", "rewards/margins"]),
-    "logps": ("Sequence log-probs of chosen and rejected", ["logps/chosen", "logps/rejected"]),
+    "loss": "DPO loss of the training batches",
+    "rewards": "Implicit-reward accuracy and margin",
+    "logps": "Log-prob change from the reference (nats)",
 }
 
 
-def plot_panel(ax, history: list[dict], keys: list[str], title: str) -> None:
+def smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def default_window(history: list[dict]) -> int:
+    """A quarter of an epoch, between 1 and 8 steps: enough to average out which pairs landed in a batch."""
+    per_epoch = round(history[0]["step"] / history[0]["epoch"]) if history and history[0].get("epoch") else 1
+    return max(1, min(8, per_epoch // 4))
+
+
+def epoch_boundaries(history: list[dict]) -> list[float]:
+    """x positions between the last step of one epoch and the first of the next (``epoch`` is
+    the step over the steps per epoch, so it is a whole number at an epoch's last step)."""
+    return [m["step"] + 0.5 for m in history[:-1]
+            if "epoch" in m and m["epoch"] >= 1 and abs(m["epoch"] - round(m["epoch"])) < 1e-9]
+
+
+def _mark_epochs(ax, history: list[dict]) -> None:
+    for k, x in enumerate(epoch_boundaries(history)):
+        ax.axvline(x, color="grey", ls="--", lw=0.8, label="new epoch" if k == 0 else None)
+
+
+def plot_panel(ax, history: list[dict], name: str, beta: float | None = None, window: int | None = None) -> None:
+    """Draw panel ``name`` (a key of :data:`PANELS`) of ``history`` into ``ax``. ``beta`` is needed
+    for ``logps`` (the change from the reference is the implicit reward over β)."""
     steps = [m["step"] for m in history]
-    for key in keys:
-        ax.plot(steps, [m[key] for m in history], marker=".", label=key)
-    if keys == ["loss"]:
-        ax.axhline(0.6931, color="grey", ls=":", lw=1, label="ln 2")
+    window = window or default_window(history)
+    if name == "loss":
+        ax.plot(steps, [m["loss"] for m in history], marker=".", label="loss")
+        ax.axhline(math.log(2), color="grey", ls=":", lw=1, label="ln 2")
+    elif name == "rewards":
+        for key, label, color in (("accuracies", "accuracy", "C0"), ("margins", "margin", "C1")):
+            ax.plot(steps, [m[f"rewards/{key}"] for m in history], color=color, alpha=0.8, marker=".", lw=1,
+                    label=f"{label} (training batch)")
+        held = [m for m in history if "eval/accuracy" in m]
+        for key, label, color in (("accuracy", "accuracy", "C0"), ("margin", "margin", "C1")):
+            if held:
+                ax.plot([m["step"] for m in held], [m[f"eval/{key}"] for m in held], color=color, marker="o",
+                        ls="--", lw=2, label=f"{label} (held-out)")
+    elif name == "logps":
+        if beta is None:
+            raise ValueError("plot_panel('logps') needs beta: the change from the reference is reward / beta")
+        for side, color in (("chosen", "C2"), ("rejected", "C3")):
+            change = [m[f"rewards/{side}"] / beta for m in history]  # (log π_θ - log π_ref), batch mean
+            ax.plot(steps, change, color=color, alpha=0.25, lw=1)
+            ax.plot(steps, smoothed(change, window), color=color, lw=2,
+                    label=f"{side} (mean of {window} steps)" if window > 1 else side)
+        ax.axhline(0, color="grey", ls=":", lw=1)
+    else:
+        raise ValueError(f"unknown panel {name!r}: expected one of {', '.join(PANELS)}")
+    _mark_epochs(ax, history)
     ax.set_xlabel("optimizer step")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title(PANELS[name], fontsize=10)
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
 
 
-def plot_training(history: list[dict], out_dir: str | Path | None = None, show: bool = False) -> dict:
-    """One figure per panel (loss; accuracy and margins; chosen/rejected log-probs).
+def plot_curves(history: list[dict], beta: float, figsize=(16, 3.8)):
+    """The three panels side by side in one figure (the lessons' view of a run)."""
+    fig, axes = plt.subplots(1, 3, figsize=figsize)
+    for ax, name in zip(axes, PANELS):
+        plot_panel(ax, history, name, beta)
+    fig.tight_layout()
+    return fig
 
-    With ``out_dir`` each is saved as ``NAME.png``; returns ``{name: path or figure}``.
-    """
+
+def plot_training(history: list[dict], out_dir: str | Path | None = None, beta: float = 0.1,
+                  show: bool = False) -> dict:
+    """One figure per panel; with ``out_dir`` each is saved as ``NAME.png``. Returns ``{name: path or figure}``."""
     figures = {}
-    for name, (title, keys) in PANELS.items():
+    for name in PANELS:
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        plot_panel(ax, history, keys, title)
+        plot_panel(ax, history, name, beta)
         fig.tight_layout()
         if out_dir is not None:
             path = Path(out_dir) / f"{name}.png"

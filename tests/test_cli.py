@@ -63,7 +63,7 @@ def train_args(d, model, train, test, out, *extra):
 def test_train_writes_every_artifact(tiny_setup, precision):
     d, model, train, test = tiny_setup
     out = d / f"run-{precision}"
-    res = cli(*train_args(d, model, train, test, out, "--precision", precision))
+    res = cli(*train_args(d, model, train, test, out, "--precision", precision, "--eval-every", 4))
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"output folder: {out}" in res.stdout and "| accuracy" in res.stdout
     for name in ("metrics.jsonl", "summary.json", "run_card.json", "loss.png", "rewards.png", "logps.png",
@@ -79,6 +79,10 @@ def test_train_writes_every_artifact(tiny_setup, precision):
     # step 1: the policy is the reference, so every reward is exactly 0 in either precision
     assert lines[0]["rewards/chosen"] == lines[0]["rewards/rejected"] == lines[0]["rewards/margins"] == 0.0
     assert lines[0]["rewards/accuracies"] == 0.0
+    # held-out accuracy every 4 steps and at the last; the summary's "after" is the last step's value
+    assert [m["step"] for m in lines if "eval/accuracy" in m] == [4, 6]
+    assert summary["heldout_accuracy_after"] == lines[-1]["eval/accuracy"]
+    assert "| heldout_accuracy" in res.stdout
     card = json.loads((out / "run_card.json").read_text())
     assert card["seed"] == 0 and len(card["data_sha256_16"]) == 16 and "torch" in card["versions"]
     assert card["config"]["precision"] == precision
