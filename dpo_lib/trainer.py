@@ -331,8 +331,8 @@ class DPOTrainer:
     def train(self, resume: bool = False, progress: bool = True, callbacks=()) -> list[dict]:
         """Run until ``total_steps``. ``resume=True`` continues from the last checkpoint in ``out_dir``.
         Each of ``callbacks`` is called as ``callback(trainer, metrics)`` after every step, before
-        its checkpoint and its log line: what it adds to ``metrics`` (e.g.
-        :class:`dpo_lib.evaluation.HeldoutEval`) is saved and logged with the step. Ctrl-C finishes
+        its log line and its checkpoint: what it adds to ``metrics`` (e.g.
+        :class:`dpo_lib.evaluation.HeldoutEval`) is logged and saved with the step. Ctrl-C finishes
         the step in progress, writes a checkpoint when ``save_every`` is set, and raises
         :class:`TrainingInterrupted`."""
         if resume:
@@ -345,13 +345,13 @@ class DPOTrainer:
             with deferred_sigint() as sigint:
                 while self.step < self.total_steps:
                     m = self.train_step()
-                    for callback in callbacks:  # before checkpoint and log: a callback may add metrics
+                    for callback in callbacks:  # before the log: a callback may add metrics (HeldoutEval)
                         callback(self, m)
-                    if self.out and self.config.save_every and self.step % self.config.save_every == 0:
-                        self.save_checkpoint()
-                    log.log(m)
+                    log.log(m)  # before the checkpoint, so metrics.jsonl always covers a checkpoint's steps
                     bar.update(1)
                     bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}")
+                    if self.out and self.config.save_every and self.step % self.config.save_every == 0:
+                        self.save_checkpoint()
                     if sigint["hit"]:
                         saved = self.save_checkpoint() if self.out and self.config.save_every else None
                         raise TrainingInterrupted(self.step, saved)
