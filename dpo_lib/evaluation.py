@@ -26,6 +26,7 @@ import torch
 
 from dpo_lib.data import batch_to, collate, collate_sequences, length_sorted_batches
 from dpo_lib.logprobs import concatenated_forward
+from dpo_lib.precision import autocast
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float]:
@@ -88,8 +89,6 @@ class HeldoutEval:
     def __call__(self, trainer, metrics: dict) -> None:
         if not self.features or (trainer.step % self.every and trainer.step != trainer.total_steps):
             return
-        from dpo_lib.precision import autocast
-
         with autocast(trainer.config.precision):
             self.last = implicit_reward_accuracy(trainer.model, self.features, self.pad, trainer.config.beta,
                                                  reference=self.reference)
