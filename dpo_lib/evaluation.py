@@ -13,6 +13,8 @@
   from the policy's own samples (sequence level, in nats), with its standard error; the
   reference is a model or a reference of :mod:`dpo_lib.reference` (e.g. a LoRA policy's base).
 * :func:`side_by_side` — a Markdown table of reference and policy samples.
+* :func:`ended_by` — the fraction of sampled answers that have ended within t tokens, for every
+  t up to the cap: a length comparison that stays honest when some answers are cut at the cap.
 * :class:`HeldoutEval` — a training callback: held-out accuracy and margin every few steps, in
   the step's metrics (``eval/accuracy``, ``eval/margin``), so the curves show them next to the
   training batches' figures.
@@ -135,6 +137,27 @@ def win_rate(policy_rewards: list[float], reference_rewards: list[float]) -> tup
     """P(policy sample beats the reference sample of the same prompt); ties count 1/2."""
     wins = [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy_rewards, reference_rewards)]
     return mean_and_se(wins)
+
+
+def ended_by(samples: list[dict], eos_token_id: int, cap: int) -> list[float]:
+    """``out[t - 1]`` = fraction of ``samples`` whose ``response_ids`` hold ``eos_token_id`` within
+    their first ``t`` tokens, for ``t = 1 … cap`` (the empirical distribution of the answer length).
+
+    An answer cut at the cap has not ended by any ``t``, so the curve ends at the fraction that
+    ended on their own, and two curves compare lengths without pretending cut answers are complete.
+    """
+    if cap < 1:
+        raise ValueError(f"cap must be >= 1, got {cap}")
+    counts = [0] * cap
+    for s in samples:
+        ids = s["response_ids"]
+        if eos_token_id in ids and ids.index(eos_token_id) < cap:
+            counts[ids.index(eos_token_id)] += 1               # ended with token number index + 1
+    out, total = [], 0
+    for c in counts:
+        total += c
+        out.append(total / len(samples) if samples else float("nan"))
+    return out
 
 
 def side_by_side(prompts: list[str], reference: list[str], policy: list[str],

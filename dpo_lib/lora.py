@@ -20,6 +20,8 @@ full precision. It needs bitsandbytes and a CUDA GPU (the ``gpu`` extra:
   DPO wants deterministic policy and reference).
 * :func:`load_4bit_model` — the QLoRA base (GPU only; a clear error otherwise).
 * :func:`merge_and_save` — fold ``(alpha / r) · B A`` into ``W`` and save plain safetensors.
+* :func:`merged_copy` — the same fold on a copy, for sampling: generation from a peft model pays
+  the adapters' extra matmuls and Python hooks at every new token, a merged copy does not.
 
 The rest of the course works on a LoRA model unchanged: :class:`dpo_lib.trainer.DPOTrainer`
 moves its batches to the model's device, :func:`dpo_lib.logprobs.concatenated_forward` sums
@@ -30,6 +32,7 @@ the reference.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from pathlib import Path
@@ -140,5 +143,18 @@ def merge_and_save(peft_model, out_dir: str | os.PathLike, tokenizer=None) -> Pa
     return out
 
 
+def merged_copy(peft_model) -> torch.nn.Module:
+    """A plain model equal to ``peft_model`` with its adapter folded in; ``peft_model`` is untouched.
+
+    For sampling: a merged model generates at the base model's speed (no adapter matmuls or peft
+    hooks per token), and gives the adapter model's logits up to float rounding. Costs one copy
+    of the weights while it lives. A 4-bit base is refused, as in :func:`merge_and_save`.
+    """
+    if is_4bit(peft_model):
+        raise ValueError("refusing to merge into a 4-bit base (the update would be quantised away); "
+                         "sample from the peft model itself")
+    return copy.deepcopy(peft_model).merge_and_unload().eval()
+
+
 __all__ = ["ALL_LINEAR", "LINEAR_MODULES", "QLoRAUnavailable", "check_qlora_available", "is_4bit", "load_4bit_model",
-           "make_lora_model", "merge_and_save", "pick_dtype", "trainable_parameters"]
+           "make_lora_model", "merge_and_save", "merged_copy", "pick_dtype", "trainable_parameters"]

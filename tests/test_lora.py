@@ -107,6 +107,24 @@ def test_merge_and_save_round_trips(tmp_path):
     assert (out / "tokenizer_config.json").is_file()
 
 
+def test_merged_copy_gives_the_adapter_logits_and_leaves_the_peft_model_alone():
+    model, tok = tiny()
+    peft_model = lora.make_lora_model(model, r=4, alpha=8)
+    _randomise_adapters(peft_model)
+    ids = torch.randint(3, len(tok), (2, 12))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        merged = lora.merged_copy(peft_model)
+        got = merged(input_ids=ids).logits
+        again = peft_model(input_ids=ids).logits
+    assert not [n for n, _ in merged.named_parameters() if "lora" in n]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, expected)          # the adapter model is bitwise unchanged
+    with peft_model.disable_adapter(), torch.no_grad():
+        base = peft_model(input_ids=ids).logits
+    assert (base - expected).abs().max() > 1e-3  # the adapters were not zero: the test can fail
+
+
 def test_merge_refuses_a_4bit_base():
     class Fake4bit:
         is_loaded_in_4bit = True
