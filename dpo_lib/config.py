@@ -10,8 +10,8 @@ job's: the embedded SmolLM2-135M-Instruct on the bundled sentiment pairs, on a C
 Every check runs when a config is made (``__post_init__``): a bad value raises
 :class:`ConfigError` naming the field, before any model is loaded. This module imports no torch,
 so the command line rejects a bad flag in a fraction of a second; the names of the losses and
-precisions live here for that reason (:data:`dpo_lib.losses.LOSS_TYPES` and
-:data:`dpo_lib.precision.PRECISIONS` are these tuples).
+precisions live here for that reason (:data:`dpo_lib.losses.LOSS_TYPES`, ``REFERENCE_FREE_LOSSES``,
+``LENGTH_LOSSES`` and :data:`dpo_lib.precision.PRECISIONS` are these tuples).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_TRAIN = REPO_DATA / "sentiment" / "train.jsonl"
 DEFAULT_TEST = REPO_DATA / "sentiment" / "test.jsonl"
 SCHEDULES = ("cosine", "linear", "constant")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")   # dpo_lib.losses.dpo_loss
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "dpop", "rdpo", "simpo", "orpo")  # dpo_lib.losses.dpo_loss
+REFERENCE_FREE_LOSSES = ("simpo", "orpo")          # no reference log-probs: the trainer skips the reference
+LENGTH_LOSSES = ("simpo", "orpo", "rdpo")          # also take the completion token counts |y_w|, |y_l|
 PRECISIONS = ("auto", "fp32", "bf16")                # dpo_lib.precision
 
 
@@ -108,12 +110,24 @@ class _Checked:
 class TrainConfig(_Checked):
     """Settings of :class:`dpo_lib.trainer.DPOTrainer`. Defaults: the main job (62 steps of 8 pairs)."""
 
-    beta: float = setting(0.1, "KL strength β: higher keeps the policy closer to the reference", positive)
-    loss_type: str = setting("sigmoid", "sigmoid (DPO), ipo, hinge or robust (see dpo_lib.losses)",
-                             choices=LOSS_TYPES)
-    label_smoothing: float = setting(0.0, "ε > 0: conservative DPO (sigmoid) or robust DPO (robust)",
-                                     in_range(0.0, 0.5))
-    nll_weight: float = setting(0.0, "α > 0: DPO + α·NLL of the chosen response", at_least(0.0))
+    beta: float = setting(0.1, "KL strength β: higher keeps the policy closer to the reference (simpo: the reward "
+                          "scale, its authors train with 2-10; orpo: the weight λ of the odds-ratio term, as TRL's)",
+                          positive)
+    loss_type: str = setting("sigmoid", "sigmoid (DPO), ipo, hinge, robust, dpop or rdpo; simpo and orpo need no "
+                             "reference (see dpo_lib.losses)", choices=LOSS_TYPES)
+    label_smoothing: float = setting(0.0, "ε > 0: conservative DPO (sigmoid, dpop, rdpo, simpo) or robust DPO "
+                                     "(robust); not for orpo", in_range(0.0, 0.5))
+    nll_weight: float = setting(0.0, "α > 0: DPO + α·NLL of the chosen response (not for orpo, which has its own)",
+                                at_least(0.0))
+    # 0.5: TRL's CPOConfig.simpo_gamma
+    simpo_gamma: float = setting(0.5, "simpo: target reward margin γ between the chosen and rejected "
+                                 "β·mean log-probs", at_least(0.0))
+    # 50: the λ of the Smaug runs as public DPOP code quotes it (the paper's value, not re-checked here)
+    dpop_lambda: float = setting(50.0, "dpop: weight λ of the penalty max(0, log π_ref(y_w) − log π(y_w)) "
+                                 "inside the sigmoid", at_least(0.0))
+    # 0.05: a starting value for ~10-40-token answers, not the paper's (R-DPO tunes α per dataset)
+    rdpo_alpha: float = setting(0.05, "rdpo: α per token of the length gap |y_w| − |y_l| added to the logit "
+                                "(0: plain DPO)", at_least(0.0))
     # 1e-5: DPO starts from a good model and wants ~10x less than SFT; 2 epochs reach ~0.75 held-out accuracy
     learning_rate: float = setting(1e-5, "peak learning rate of AdamW", positive)
     batch_size: int = setting(8, "pairs per optimizer step", at_least(1))
@@ -138,6 +152,11 @@ class TrainConfig(_Checked):
     def check_combinations(self) -> None:
         if self.batch_size % self.grad_accum:
             raise ConfigError("grad_accum", f"must divide --batch-size {self.batch_size} (got {self.grad_accum})")
+        if self.loss_type == "orpo" and self.nll_weight:
+            raise ConfigError("nll_weight", f"must be 0 with --loss-type orpo, whose loss holds the NLL already "
+                              f"(got {self.nll_weight})")
+        if self.loss_type == "orpo" and self.label_smoothing:
+            raise ConfigError("label_smoothing", f"does not apply to --loss-type orpo (got {self.label_smoothing})")
 
 
 @dataclass

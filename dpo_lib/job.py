@@ -4,7 +4,9 @@
 
 * load: the policy (default: the embedded SmolLM2-135M-Instruct) and the data; a frozen copy
   of the policy is the reference, and its log-probs on the training and held-out pairs are
-  computed once (cached in ``OUT/cache``), so training needs one forward per step;
+  computed once (cached in ``OUT/cache``), so training needs one forward per step (with a
+  reference-free loss, ``simpo`` or ``orpo``, only the held-out pairs': the evaluation's
+  implicit-reward accuracy and KL are DPO's, measured against the reference for every loss);
 * evaluate (:func:`evaluate`, the same code before and after training): held-out
   implicit-reward accuracy (DPO Eq. 5), samples on held-out prompts scored by the ground-truth
   reward, and after training the KL of the policy to the reference;
@@ -33,6 +35,7 @@ from dpo_lib import data as D
 from dpo_lib.config import DEFAULT_TEST, DEFAULT_TRAIN, REPO_DATA, JobConfig, TrainConfig  # noqa: F401 (re-exported)
 from dpo_lib.evaluation import HeldoutEval, implicit_reward_accuracy, mean_and_se, sequence_kl, side_by_side, win_rate
 from dpo_lib.logger import package_versions
+from dpo_lib.losses import needs_reference
 from dpo_lib.models import load_model
 from dpo_lib.plots import plot_training
 from dpo_lib.precision import autocast, resolve_precision
@@ -111,7 +114,8 @@ def load(job: JobConfig, config: TrainConfig, out: Path) -> Setup:
     key = model_fingerprint(model)
     cache, ref_key = out / "cache", f"{key}-{config.precision}"
     with autocast(config.precision):
-        train_f = precompute_reference_logps(reference, train_f, pad, cache_dir=cache, model_key=ref_key)
+        if needs_reference(config.loss_type):  # simpo and orpo never read them; the held-out ones are still needed
+            train_f = precompute_reference_logps(reference, train_f, pad, cache_dir=cache, model_key=ref_key)
         if eval_f:
             eval_f = precompute_reference_logps(reference, eval_f, pad, cache_dir=cache, model_key=ref_key)
     prompts = [r["prompt"] for r in eval_rows][:job.max_eval_prompts]

@@ -3,8 +3,9 @@
 One optimizer step takes ``batch_size`` preference pairs, in ``grad_accum`` micro-batches.
 For each micro-batch: one forward of the policy over the concatenated ``[chosen; rejected]``
 sequences (:func:`dpo_lib.logprobs.concatenated_forward`), reference log-probs from the
-cache or a frozen model under ``no_grad`` (:mod:`dpo_lib.reference`), the loss of
-:func:`dpo_lib.losses.dpo_loss`, backward. Then clip, step, schedule.
+cache or a frozen model under ``no_grad`` (:mod:`dpo_lib.reference`; none for the
+reference-free ``simpo`` and ``orpo``), the loss of :func:`dpo_lib.losses.dpo_loss`, backward.
+Then clip, step, schedule.
 
 Metrics use TRL's names (see COURSE.md); :class:`dpo_lib.logger.MetricsLogger` writes one JSON
 line per step to ``OUT/metrics.jsonl`` and prints the table; :mod:`dpo_lib.checkpoints` writes
@@ -46,7 +47,7 @@ from dpo_lib.config import TrainConfig  # noqa: F401 (re-exported: the trainer's
 from dpo_lib.data import batch_to, collate, pair_length
 from dpo_lib.logger import MetricsLogger
 from dpo_lib.logprobs import concatenated_forward
-from dpo_lib.losses import chosen_nll, dpo_loss
+from dpo_lib.losses import chosen_nll, dpo_loss, needs_reference
 from dpo_lib.precision import autocast, resolve_precision
 from dpo_lib.reference import FrozenReference
 
@@ -118,6 +119,12 @@ def deferred_sigint():
         signal.signal(signal.SIGINT, previous)
 
 
+def completion_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scored completion tokens of each chosen and each rejected response of a collated batch, ``[B]`` each
+    (``|y_w|``, ``|y_l|``: what :func:`dpo_lib.logprobs.concatenated_forward` sums over)."""
+    return batch["completion_mask"][:, 1:].sum(1).chunk(2)
+
+
 def batch_loss(model, batch: dict, c, reference=None, device="cpu",
                policy_is_reference: bool = False) -> tuple[torch.Tensor, dict]:
     """The DPO loss of one collated micro-batch (mean over its pairs) and its metrics, TRL's names.
@@ -126,24 +133,37 @@ def batch_loss(model, batch: dict, c, reference=None, device="cpu",
     reference log-probs come from the batch (precomputed) or from ``reference(batch)`` (no_grad).
     ``policy_is_reference`` (the first step, before any update): the policy's own log-probs,
     detached, are the reference's, so every implicit reward is exactly 0 whatever the rounding;
-    they are written into ``batch["ref_chosen_logps"]`` / ``["ref_rejected_logps"]``."""
+    they are written into ``batch["ref_chosen_logps"]`` / ``["ref_rejected_logps"]``.
+
+    Reference-free losses (``simpo``, ``orpo``: :data:`dpo_lib.losses.REFERENCE_FREE_LOSSES`) never
+    read the reference: ``reference`` is not called and precomputed reference log-probs are ignored
+    (``policy_is_reference`` too). Their ``rewards/*`` are β times the per-token mean log-prob, as
+    TRL's CPO and ORPO trainers log them; ``logps/*`` stay the summed log-probs, as for every loss.
+    For ``orpo``, ``nll`` is the NLL part of its loss (already inside ``loss``)."""
     with autocast(c.precision, device):
         chosen, rejected = concatenated_forward(model, batch, compact_head=c.compact_lm_head)  # (B,), (B,)
-    if policy_is_reference:
-        batch["ref_chosen_logps"], batch["ref_rejected_logps"] = chosen.detach(), rejected.detach()
-    if "ref_chosen_logps" in batch:
-        ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    else:
-        ref_chosen, ref_rejected = reference(batch)                                # no_grad inside
+    n_chosen, n_rejected = completion_lengths(batch)                               # (B,), (B,)
+    ref_chosen = ref_rejected = None
+    if needs_reference(c.loss_type):
+        if policy_is_reference:
+            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = chosen.detach(), rejected.detach()
+        if "ref_chosen_logps" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = reference(batch)                            # no_grad inside
     losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=c.beta,
-                                            loss_type=c.loss_type, label_smoothing=c.label_smoothing)
+                                            loss_type=c.loss_type, label_smoothing=c.label_smoothing,
+                                            chosen_num_tokens=n_chosen, rejected_num_tokens=n_rejected,
+                                            simpo_gamma=c.simpo_gamma, dpop_lambda=c.dpop_lambda,
+                                            rdpo_alpha=c.rdpo_alpha)
     loss = losses.mean()
     metrics = {"loss": loss.item()}
     if c.nll_weight:
-        n_chosen = batch["completion_mask"][:, 1:].sum(1).chunk(2)[0]               # scored chosen tokens
         nll = chosen_nll(chosen, n_chosen).mean()
         loss = loss + c.nll_weight * nll
         metrics["nll"] = nll.item()
+    elif c.loss_type == "orpo":
+        metrics["nll"] = chosen_nll(chosen.detach(), n_chosen).mean().item()
     metrics.update({
         "rewards/chosen": r_chosen.mean().item(),
         "rewards/rejected": r_rejected.mean().item(),
@@ -184,7 +204,8 @@ class DPOTrainer:
 
     ``reference`` is a callable batch -> (chosen, rejected) log-probs, e.g.
     :class:`dpo_lib.reference.FrozenReference`; leave it ``None`` when every feature already
-    carries ``ref_chosen_logps`` / ``ref_rejected_logps`` (precomputed).
+    carries ``ref_chosen_logps`` / ``ref_rejected_logps`` (precomputed), or when the loss is
+    reference-free (``simpo``, ``orpo``), which never calls it.
     """
 
     def __init__(self, model, features: list[dict], config: TrainConfig, pad_token_id: int,
@@ -194,8 +215,9 @@ class DPOTrainer:
         if config.batch_size % (config.grad_accum * self.world):
             raise ValueError(f"batch_size={config.batch_size} is not divisible by grad_accum={config.grad_accum}"
                              + (f" x {self.world} processes" if self.world > 1 else ""))
-        if reference is None and "ref_chosen_logps" not in features[0]:
-            raise ValueError("no reference: pass reference=... or precompute reference log-probs")
+        if reference is None and "ref_chosen_logps" not in features[0] and needs_reference(config.loss_type):
+            raise ValueError("no reference: pass reference=... or precompute reference log-probs "
+                             "(or train with a reference-free loss: simpo, orpo)")
         self.model, self.features, self.config = model, features, config
         self.pad_token_id, self.reference = pad_token_id, reference
         self.out = Path(out_dir) if out_dir else None
@@ -257,7 +279,7 @@ class DPOTrainer:
         replace the precomputed ones (they differed by rounding only, e.g. ~1e-4 nats under bf16,
         where the padding differs), so the first step's rewards are exactly 0 and later epochs see
         the same values. The replaced values go into checkpoints (exact resume)."""
-        first = self.step == 0 and self.reference is None and self.world == 1
+        first = self.step == 0 and self.reference is None and self.world == 1 and needs_reference(self.config.loss_type)
         if not first:
             return self.compute_loss(batch)
         loss, m = batch_loss(self.model, batch, self.config, self.reference, self.device, policy_is_reference=True)

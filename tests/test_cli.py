@@ -152,6 +152,8 @@ BAD_FLAGS = [
     (("--dataset", "."), "--dataset", "not a file"),
     (("--out", "README.md"), "--out", "exists and is not a folder"),
     (("--resume",), "--resume", "needs the --out folder"),
+    (("--loss-type", "simpo", "--simpo-gamma", "-1"), "--simpo-gamma", "must be >= 0.0"),
+    (("--loss-type", "orpo", "--nll-weight", "1"), "--nll-weight", "must be 0 with --loss-type orpo"),
 ]
 
 
@@ -165,6 +167,34 @@ def test_bad_train_flag_is_one_line_exit_2_and_loads_nothing(flags, flag, what):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and res.stderr.startswith(f"error: {flag}: {what}")
     assert "torch not loaded" in res.stdout
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo", "dpop", "rdpo"])
+def test_loss_type_flag_accepts_the_new_losses_and_their_settings(loss_type):
+    """In-process (no model): the flags reach TrainConfig, and ``train --help`` lists them."""
+    from dpo_lib.cli import build_parser, train_configs
+    args = build_parser().parse_args(["train", "--loss-type", loss_type, "--beta", "2", "--simpo-gamma", "0.3",
+                                      "--dpop-lambda", "5", "--rdpo-alpha", "0.2"])
+    _, config = train_configs(args)
+    assert (config.loss_type, config.beta, config.simpo_gamma, config.dpop_lambda, config.rdpo_alpha) == \
+           (loss_type, 2.0, 0.3, 5.0, 0.2)
+    defaults = train_configs(build_parser().parse_args(["train", "--loss-type", loss_type]))[1]
+    assert (defaults.simpo_gamma, defaults.dpop_lambda, defaults.rdpo_alpha) == (0.5, 50.0, 0.05)
+
+
+def test_loss_type_help_and_a_bad_loss_type_is_a_clear_error(capsys):
+    from dpo_lib.cli import main
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert stop.value.code == 0
+    for flag in ("--simpo-gamma", "--dpop-lambda", "--rdpo-alpha", "simpo", "orpo", "dpop", "rdpo"):
+        assert flag in help_text, flag
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--loss-type", "kto"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert "argument --loss-type: invalid choice: 'kto'" in err and "'simpo'" in err and "'rdpo'" in err
 
 
 def test_bad_pairs_flags(tmp_path):

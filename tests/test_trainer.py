@@ -4,7 +4,7 @@ import pytest
 import torch
 from _tiny import tiny, toy_rows
 
-from dpo_lib.data import tokenize_rows
+from dpo_lib.data import collate, tokenize_rows
 from dpo_lib.reference import AdapterDisabledReference, FrozenReference, precompute_reference_logps
 from dpo_lib.trainer import DPOTrainer, NonFiniteError, TrainConfig, lr_factor
 
@@ -216,3 +216,97 @@ def test_a_crash_during_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
     fresh = DPOTrainer(fresh_model, features(model, tok, 8), config(max_steps=4), tok.pad_token_id, out_dir=tmp_path)
     fresh.load_checkpoint(good)  # the last good checkpoint still loads
     assert fresh.step == 1
+
+
+# ---------------------------------------------------------------- the losses beyond DPO (dpo_lib.losses)
+
+def _never_called(batch):
+    raise AssertionError("the reference was called by a reference-free loss")
+
+
+@pytest.mark.parametrize("loss_type,beta", [("simpo", 2.0), ("orpo", 0.1)])
+def test_reference_free_losses_train_and_never_touch_the_reference(loss_type, beta):
+    """No reference log-probs in the features, a reference that raises if called: training runs, the loss stays
+    finite and falls; rewards are beta * mean log-prob (no log-ratio, so not 0 at step 1)."""
+    model, tok = tiny()
+    f, _ = tokenize_rows(tok, toy_rows(16))
+    assert "ref_chosen_logps" not in f[0]
+    trainer = DPOTrainer(model, f, config(max_steps=8, loss_type=loss_type, beta=beta), tok.pad_token_id,
+                         reference=_never_called)
+    history = trainer.train(progress=False)
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in history)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[0]["rewards/chosen"] < 0 and history[0]["rewards/chosen"] != history[0]["rewards/rejected"]
+    assert ("nll" in history[0]) == (loss_type == "orpo")
+    assert not trainer.reference_overrides                       # step 1 did not write reference log-probs
+    assert "ref_chosen_logps" not in trainer.features[0]
+
+
+def test_reference_free_losses_ignore_precomputed_reference_log_probs():
+    """NaN reference log-probs would make any loss that reads them NaN; SimPO's loss is exactly the same as without."""
+    model, tok = tiny()
+    f, _ = tokenize_rows(tok, toy_rows(8))
+    batch = collate(f, tok.pad_token_id)
+    trainer = DPOTrainer(model, f, config(loss_type="simpo", beta=2.0), tok.pad_token_id)
+    clean, _ = trainer.compute_loss(batch)
+    batch["ref_chosen_logps"] = batch["ref_rejected_logps"] = torch.full((8,), float("nan"))
+    poisoned, _ = trainer.compute_loss(batch)
+    assert torch.equal(clean, poisoned)
+
+
+def test_losses_with_a_reference_still_refuse_to_start_without_one():
+    model, tok = tiny()
+    f, _ = tokenize_rows(tok, toy_rows(8))
+    for loss_type in ("sigmoid", "dpop", "rdpo"):
+        with pytest.raises(ValueError, match="no reference"):
+            DPOTrainer(model, f, config(loss_type=loss_type), tok.pad_token_id)
+
+
+def test_dpop_penalty_reaches_the_trainer_and_training_runs():
+    """Reference log-probs set to the policy's own, +1 nat on the chosen side: every pair has
+    h = (lp_w - (lp_w + 1)) - 0 = -1 and penalty max(0, 1) = 1, so with beta = 0.1 and lambda = 50 the batch
+    loss is softplus(-0.1 * (-1 - 50)) = softplus(5.1) = 5.106...; plain DPO would give softplus(0.1)."""
+    model, tok = tiny()
+    f = features(model, tok, 8)
+    for x in f:
+        x["ref_chosen_logps"] += 1.0
+    trainer = DPOTrainer(model, f, config(max_steps=3, loss_type="dpop", dpop_lambda=50.0), tok.pad_token_id)
+    loss, m = trainer.compute_loss(collate(f, tok.pad_token_id))
+    assert loss.item() == pytest.approx(math.log1p(math.exp(5.1)), abs=1e-4)
+    assert m["rewards/chosen"] == pytest.approx(-0.1, abs=1e-5)   # DPO's reward, beta * (-1)
+    history = DPOTrainer(model, features(model, tok, 8), config(max_steps=3, loss_type="dpop"),
+                         tok.pad_token_id).train(progress=False)
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)   # policy = reference: no penalty, h = 0
+    assert all(math.isfinite(h["loss"]) for h in history)
+
+
+def test_rdpo_length_term_uses_the_completion_token_counts():
+    """Policy = reference (h = 0): the R-DPO loss is the mean of softplus(-alpha * (|y_w| - |y_l|)) with |y| the
+    number of response tokens; the toy chosen answers are longer ('yes' + 1-3 words vs 'no' + 1), so with
+    alpha = 0.5 it is well below ln 2."""
+    model, tok = tiny()
+    f = features(model, tok, 8)
+    gaps = torch.tensor([len(x["chosen_ids"]) - len(x["rejected_ids"]) for x in f], dtype=torch.float32)
+    assert (gaps > 0).any()
+    trainer = DPOTrainer(model, f, config(max_steps=3, loss_type="rdpo", rdpo_alpha=0.5), tok.pad_token_id)
+    loss, _ = trainer.compute_loss(collate(f, tok.pad_token_id))
+    expected = torch.nn.functional.softplus(-0.5 * gaps).mean().item()
+    assert loss.item() == pytest.approx(expected, abs=1e-5) and expected < math.log(2) - 0.1
+    history = trainer.train(progress=False)
+    assert all(math.isfinite(h["loss"]) for h in history) and history[-1]["loss"] < history[0]["loss"]
+
+
+def test_job_skips_the_training_reference_log_probs_for_reference_free_losses(tmp_path):
+    """The main job computes reference log-probs for the training pairs only when the loss reads them; the held-out
+    ones are always computed (the evaluation's implicit-reward accuracy and KL are measured against the reference)."""
+    from _tiny import save_tiny, write_jsonl
+
+    from dpo_lib.config import JobConfig
+    from dpo_lib.job import load
+    folder = save_tiny(tmp_path / "tiny")
+    train, test = write_jsonl(tmp_path / "train.jsonl", toy_rows(8)), write_jsonl(tmp_path / "test.jsonl", toy_rows(4))
+    job = JobConfig(model=str(folder), dataset=train, eval_dataset=test, out=tmp_path / "out")
+    for loss_type, train_has_ref in (("simpo", False), ("orpo", False), ("dpop", True)):
+        s = load(job, config(loss_type=loss_type), tmp_path / f"out-{loss_type}")
+        assert ("ref_chosen_logps" in s.train_features[0]) == train_has_ref, loss_type
+        assert "ref_chosen_logps" in s.eval_features[0], loss_type
