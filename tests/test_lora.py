@@ -87,16 +87,22 @@ def test_dpo_steps_change_only_adapter_weights():
     assert all(n in changed for n in before if "lora_A" in n)  # A moves once B is non-zero
 
 
-def test_merge_and_save_round_trips(tmp_path):
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
+def _adapter_model_and_logits():
+    """A tiny peft model with non-zero adapters, a batch of ids and its logits: ``(peft_model, tok, ids, logits)``."""
     model, tok = tiny()
     peft_model = lora.make_lora_model(model, r=4, alpha=8)
     _randomise_adapters(peft_model)
     ids = torch.randint(3, len(tok), (2, 12))
     with torch.no_grad():
-        expected = peft_model(input_ids=ids).logits
+        logits = peft_model(input_ids=ids).logits
+    return peft_model, tok, ids, logits
+
+
+def test_merge_and_save_round_trips(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    peft_model, tok, ids, expected = _adapter_model_and_logits()
     out = lora.merge_and_save(peft_model, tmp_path / "merged", tokenizer=tok)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "lora" in k]
@@ -108,12 +114,8 @@ def test_merge_and_save_round_trips(tmp_path):
 
 
 def test_merged_copy_gives_the_adapter_logits_and_leaves_the_peft_model_alone():
-    model, tok = tiny()
-    peft_model = lora.make_lora_model(model, r=4, alpha=8)
-    _randomise_adapters(peft_model)
-    ids = torch.randint(3, len(tok), (2, 12))
+    peft_model, _, ids, expected = _adapter_model_and_logits()
     with torch.no_grad():
-        expected = peft_model(input_ids=ids).logits
         merged = lora.merged_copy(peft_model)
         got = merged(input_ids=ids).logits
         again = peft_model(input_ids=ids).logits
