@@ -1,8 +1,10 @@
-"""``python -m dpo_lib COMMAND``: train, pairs, validate, exercises, colab, bench.
+"""``python -m dpo_lib COMMAND``: train, iterate, pairs, validate, exercises, colab, bench.
 
 The ``train`` flags are built from :class:`dpo_lib.config.TrainConfig` and
 :class:`dpo_lib.config.JobConfig`, whose checks run before anything heavy is imported: a bad
-flag ends in ``error: --FLAG: what is wrong`` and exit status 2 within a second. Errors a
+flag ends in ``error: --FLAG: what is wrong`` and exit status 2 within a second. ``iterate`` takes
+the same flags (less those of one fixed dataset, checkpoints and ``--resume``: a re-run of the same
+command resumes) and those of :class:`dpo_lib.config.IterateConfig`. Errors a
 user can fix (bad data, a missing model, a busy output folder) print one line and exit 2;
 a run stopped by a non-finite loss exits 3; Ctrl-C during training exits 130 after saying
 how to resume.
@@ -17,9 +19,20 @@ import sys
 import time
 from pathlib import Path
 
-from dpo_lib.config import ConfigError, JobConfig, TrainConfig, add_arguments, at_least, from_args, positive
+from dpo_lib.config import (
+    ConfigError,
+    IterateConfig,
+    JobConfig,
+    TrainConfig,
+    add_arguments,
+    at_least,
+    from_args,
+    positive,
+)
 
 MODEL_FLAGS = ("model", "trust_remote_code", "threads")
+# train flags that iterate leaves out: its training pairs are sampled, and it resumes by rounds
+ITERATE_SKIP = ("dataset", "resume", "force_resume", "skip_invalid", "save_every", "keep_checkpoints")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -31,13 +44,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dpo_lib",
                                      description="Direct Preference Optimization, small and tested.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,pairs,validate,exercises,colab,bench}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,iterate,pairs,validate,exercises,colab,bench}")
 
     t = sub.add_parser("train", help="DPO-train a model on preference pairs (default: the embedded model on the "
                                      "bundled sentiment pairs)")
     add_arguments(t, JobConfig)
     t.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     add_arguments(t, TrainConfig)
+
+    it = sub.add_parser("iterate", help="iterative on-policy DPO: R rounds of sample, judge, best-vs-worst pairs, "
+                                        "train, evaluate (a re-run of the same command resumes)",
+                        description="Iterative on-policy DPO (dpo_lib.iterate). The training flags apply to every "
+                                    "round (--max-steps: steps per round); the evaluation is against the starting "
+                                    "model. A re-run of the same command continues at the first unfinished round.")
+    add_arguments(it, IterateConfig)
+    add_arguments(it, JobConfig, skip=ITERATE_SKIP)
+    add_arguments(it, TrainConfig, skip=ITERATE_SKIP)
 
     p = sub.add_parser("pairs", help="sample N responses per prompt, score them, keep best vs worst")
     _add_model_args(p)
@@ -150,6 +173,37 @@ def cmd_train(a) -> int:
     return 0
 
 
+def iterate_configs(a) -> tuple[IterateConfig, JobConfig, TrainConfig]:
+    """The three configs from the parsed ``iterate`` flags (raises :class:`ConfigError`)."""
+    settings = from_args(IterateConfig, a)
+    job = from_args(JobConfig, a, **({"reward": None} if getattr(a, "reward", None) == "none" else {}))
+    config = from_args(TrainConfig, a)
+    if job.out is None:
+        raise ConfigError("out", "is required: the run folder (the same --out again resumes the run) (got nothing)")
+    return settings, job, config
+
+
+def cmd_iterate(a) -> int:
+    settings, job, config = iterate_configs(a)  # every check, before torch and the model are loaded
+    from dpo_lib.iterate import iterate
+
+    print(f"[dpo_lib] output folder: {job.out}")
+    _threads(job.threads)
+    try:
+        summaries = iterate(job.out, settings, job, config)
+    except KeyboardInterrupt:
+        from dpo_lib.iterate import finished_rounds
+        done = finished_rounds(job.out)
+        print(f"\ninterrupted in round {done + 1}; {done} rounds finished in {job.out}. Re-run the same command to "
+              f"continue at round {done + 1}.", file=sys.stderr)
+        return 130
+    keys = ["pairs", "heldout_accuracy_after", "reward_gain", "reward_gain_se", "kl_to_start", "judge_gain"]
+    print("\nSummary (" + str(job.out / "summary.json") + ")\n  round " + " ".join(f"{k:>22}" for k in keys))
+    for s in summaries:
+        print(f"  {s['round']:>5} " + " ".join(f"{s[k]:>22.4f}" if k in s else f"{'-':>22}" for k in keys))
+    return 0
+
+
 def cmd_pairs(a) -> int:
     from dpo_lib.data import load_prompts
     from dpo_lib.models import load_model
@@ -204,7 +258,8 @@ def _bench(a) -> int:
     return bench_main(a)
 
 
-COMMANDS = {"train": (None, cmd_train), "pairs": (check_pairs, cmd_pairs), "validate": (check_validate, cmd_validate),
+COMMANDS = {"train": (None, cmd_train), "iterate": (None, cmd_iterate),
+            "pairs": (check_pairs, cmd_pairs), "validate": (check_validate, cmd_validate),
             "bench": (check_bench, _bench)}
 
 
@@ -246,13 +301,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_error(e: Exception) -> int:
     from dpo_lib.data import DataError
+    from dpo_lib.iterate import IterationError
     from dpo_lib.job import ResumeMismatch, RunFolderBusy
     from dpo_lib.models import ModelNotFoundError
     from dpo_lib.trainer import NonFiniteError
     if isinstance(e, NonFiniteError):
         print(f"error: {e}", file=sys.stderr)
         return 3
-    if isinstance(e, (DataError, ModelNotFoundError, RunFolderBusy, ResumeMismatch)):
+    if isinstance(e, (DataError, ModelNotFoundError, RunFolderBusy, ResumeMismatch, IterationError)):
         print(f"error: {e}", file=sys.stderr)
         return 2
     raise e

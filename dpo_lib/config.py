@@ -2,7 +2,8 @@
 
 :class:`TrainConfig` holds what the optimisation depends on (the loss, β, the optimizer, the
 batches); :class:`JobConfig` what the main job adds around it (the model, the data, the
-evaluation). Each field carries its help text and its check in ``metadata``, and
+evaluation); :class:`IterateConfig` what ``python -m dpo_lib iterate`` adds (the rounds of iterative
+on-policy DPO). Each field carries its help text and its check in ``metadata``, and
 ``python -m dpo_lib train`` builds its flags from these fields (:func:`add_arguments`), so a
 default, its ``--help`` line and ``TrainConfig()`` cannot disagree. The defaults are the main
 job's: the embedded SmolLM2-135M-Instruct on the bundled sentiment pairs, on a CPU.
@@ -189,6 +190,32 @@ class JobConfig(_Checked):
                               f"(got {self.max_prompt_length})")
         if self.resume and self.out is None:
             raise ConfigError("resume", "needs the --out folder of the run to continue")
+
+
+JUDGES = ("sentiment",)            # judges available offline by name (dpo_lib.rewards.REWARDS); others via the API
+REFERENCE_MODES = ("initial", "previous")
+
+
+@dataclass
+class IterateConfig(_Checked):
+    """What ``python -m dpo_lib iterate`` adds to the training settings: the rounds of iterative
+    on-policy DPO (:func:`dpo_lib.iterate.iterate`)."""
+
+    prompts: Path | None = setting(None, "training prompts, JSONL with a 'prompt' per line (required)",
+                                   optional(readable_file))
+    rounds: int = setting(2, "rounds of sample, judge, pair, train; a re-run with more rounds continues", at_least(1))
+    samples_per_prompt: int = setting(4, "answers sampled per prompt and round", at_least(2))
+    min_gap: float = setting(0.05, "skip prompts whose best and worst judged answers differ by less", at_least(0.0))
+    judge: str = setting("sentiment", "what scores the sampled answers (sentiment: VADER, the ground truth)",
+                         choices=JUDGES)
+    reference: str = setting("initial", "the DPO reference of each round: the starting model (initial) or the "
+                             "policy the last round ended with (previous)", choices=REFERENCE_MODES)
+    temperature: float = setting(1.0, "sampling temperature of the training answers", positive)
+    sample_max_new_tokens: int = setting(40, "length cap of the sampled training answers", at_least(1))
+
+    def check_combinations(self) -> None:
+        if self.prompts is None:
+            raise ConfigError("prompts", "is required: a JSONL file with a 'prompt' per line (got nothing)")
 
 
 # ---------------------------------------------------------------- the command line, built from the fields

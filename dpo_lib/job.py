@@ -170,12 +170,14 @@ def run_card(s: Setup, job: JobConfig, config: TrainConfig) -> dict:
             "tokenize": s.tokenize_summary, "threads": torch.get_num_threads()}
 
 
-def resume_conflicts(old: dict, new: dict) -> list[str]:
-    """The settings that change the result and differ between two run cards, as ``--flag OLD (now NEW)``."""
+def resume_conflicts(old: dict, new: dict, sections: tuple[str, ...] = ("config", "job"),
+                     free: set[str] = RESUME_FREE) -> list[str]:
+    """The settings that change the result and differ between two run cards, as ``--flag OLD (now NEW)``
+    (the settings of ``sections``, except those in ``free``, plus the data and model fingerprints)."""
     diffs = []
-    for section in ("config", "job"):
+    for section in sections:
         for k, v in new.get(section, {}).items():
-            if k not in RESUME_FREE and k in old.get(section, {}) and old[section][k] != v:
+            if k not in free and k in old.get(section, {}) and old[section][k] != v:
                 diffs.append(f"--{k.replace('_', '-')} {old[section][k]} (now {v})")
     for k, what in (("data_sha256_16", "the training data"), ("model_fingerprint", "the model")):
         if old.get(k) != new.get(k):

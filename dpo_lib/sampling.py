@@ -4,9 +4,17 @@
 (Rafailov et al. 2023, §6.1) at small scale: sample N responses per prompt from the
 policy itself, score them with a ground-truth reward, keep best vs worst. On-policy pairs
 keep the preference data in-distribution for the reference model.
+
+:func:`score_samples` runs the judge (the reward function) and checks what it returns: a judge
+that raises, or gives a non-finite score or the wrong number of scores, stops with a
+:class:`JudgeError` that names the sample and its prompt index. A judge that needs the prompts
+(e.g. :class:`dpo_lib.rlhf.reward_model.RewardModelJudge`) says so with ``takes_prompts = True``
+and is called as ``judge(texts, prompts=...)``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from tqdm.auto import tqdm
@@ -52,16 +60,66 @@ def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 
     return out
 
 
+class JudgeError(ValueError):
+    """The judge failed on a sample; ``prompt_index`` is that sample's prompt (``None``: no single sample)."""
+
+    def __init__(self, message: str, prompt_index: int | None = None):
+        super().__init__(message)
+        self.prompt_index = prompt_index
+
+
+def score_samples(reward_fn, samples: list[dict], prompts: list | None = None) -> list[float]:
+    """``reward_fn`` of every sample's ``text``, checked: one finite float per sample.
+
+    When the call over all samples fails (raises, or returns the wrong number of scores), the
+    samples are scored one at a time to find the first one it fails on; the :class:`JudgeError`
+    names it (sample number, ``prompt_index`` and the start of its text).
+    """
+    def call(chunk: list[dict]) -> list[float]:
+        texts = [s["text"] for s in chunk]
+        if getattr(reward_fn, "takes_prompts", False):
+            return [float(x) for x in reward_fn(texts, prompts=[prompts[s["prompt_index"]] for s in chunk])]
+        return [float(x) for x in reward_fn(texts)]
+
+    def where(k: int) -> str:
+        return f"sample {k} (prompt {samples[k]['prompt_index']}, text {samples[k]['text'][:40]!r})"
+
+    try:
+        scores = call(samples)
+        problem = None if len(scores) == len(samples) else f"returned {len(scores)} scores for {len(samples)} texts"
+    except Exception as e:  # noqa: BLE001 (any failure of user code is reported with the sample it failed on)
+        scores, problem = [], f"raised {type(e).__name__}: {e}"
+    if problem is None:
+        bad = next((k for k, x in enumerate(scores) if not math.isfinite(x)), None)
+        if bad is None:
+            return scores
+        raise JudgeError(f"the judge gave a non-finite score ({scores[bad]}) to {where(bad)}",
+                         samples[bad]["prompt_index"])
+    for k in range(len(samples)):  # find the sample it fails on
+        try:
+            one = call(samples[k:k + 1])
+        except Exception as e:  # noqa: BLE001
+            raise JudgeError(f"the judge raised {type(e).__name__}: {e} on {where(k)}", samples[k]["prompt_index"]) \
+                from e
+        if len(one) != 1 or not math.isfinite(one[0]):
+            what = f"{len(one)} scores" if len(one) != 1 else f"a non-finite score ({one[0]})"
+            raise JudgeError(f"the judge returned {what} for {where(k)}", samples[k]["prompt_index"])
+    raise JudgeError(f"the judge {problem} (each text alone scores fine)")
+
+
 def make_pairs(model, tokenizer, prompt_rows: list[dict], reward_fn, n: int = 4, min_gap: float = 0.05,
                **generate_kwargs) -> tuple[list[dict], dict]:
     """Best-vs-worst pairs: for each prompt sample ``n`` responses, score them with
     ``reward_fn(texts) -> list[float]``, keep the highest as chosen and the lowest as rejected.
 
     Prompts whose best and worst differ by less than ``min_gap`` (or whose texts are equal)
-    carry no preference and are skipped. Returns ``(rows, stats)``.
+    carry no preference and are skipped. The scores are checked (:func:`score_samples`: a failing
+    judge raises :class:`JudgeError`). Returns ``(rows, stats)``; ``stats["score_mean"]`` is the
+    judge's mean over all samples.
     """
-    samples = generate(model, tokenizer, [r["prompt"] for r in prompt_rows], n=n, **generate_kwargs)
-    scores = reward_fn([s["text"] for s in samples])
+    prompts = [r["prompt"] for r in prompt_rows]
+    samples = generate(model, tokenizer, prompts, n=n, **generate_kwargs)
+    scores = score_samples(reward_fn, samples, prompts)
     by_prompt: dict[int, list] = {}
     for s, score in zip(samples, scores):
         by_prompt.setdefault(s["prompt_index"], []).append((score, s["text"]))
@@ -78,4 +136,4 @@ def make_pairs(model, tokenizer, prompt_rows: list[dict], reward_fn, n: int = 4,
         rows.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
                      "score_chosen": round(hi, 4), "score_rejected": round(lo, 4)})
     return rows, {"prompts": len(prompt_rows), "pairs": len(rows), "skipped_no_preference": skipped,
-                  "samples": len(samples)}
+                  "samples": len(samples), "score_mean": sum(scores) / len(scores) if scores else float("nan")}

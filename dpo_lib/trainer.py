@@ -206,10 +206,15 @@ class DPOTrainer:
     :class:`dpo_lib.reference.FrozenReference`; leave it ``None`` when every feature already
     carries ``ref_chosen_logps`` / ``ref_rejected_logps`` (precomputed), or when the loss is
     reference-free (``simpo``, ``orpo``), which never calls it.
+
+    ``policy_is_reference=False`` says that the precomputed reference log-probs are not the
+    starting policy's (e.g. round 2 of iterative DPO against the initial model): the first step
+    then keeps them instead of replacing them by the policy's own (see :meth:`_micro_batch_loss`).
     """
 
     def __init__(self, model, features: list[dict], config: TrainConfig, pad_token_id: int,
-                 reference=None, out_dir: str | Path | None = None, accelerator=None):
+                 reference=None, out_dir: str | Path | None = None, accelerator=None,
+                 policy_is_reference: bool = True):
         self.world = accelerator.num_processes if accelerator is not None else 1
         self.rank = accelerator.process_index if accelerator is not None else 0
         if config.batch_size % (config.grad_accum * self.world):
@@ -220,6 +225,7 @@ class DPOTrainer:
                              "(or train with a reference-free loss: simpo, orpo)")
         self.model, self.features, self.config = model, features, config
         self.pad_token_id, self.reference = pad_token_id, reference
+        self.policy_is_reference = policy_is_reference
         self.out = Path(out_dir) if out_dir else None
         self.accelerator = accelerator
         self.is_main = accelerator is None or accelerator.is_main_process
@@ -279,7 +285,8 @@ class DPOTrainer:
         replace the precomputed ones (they differed by rounding only, e.g. ~1e-4 nats under bf16,
         where the padding differs), so the first step's rewards are exactly 0 and later epochs see
         the same values. The replaced values go into checkpoints (exact resume)."""
-        first = self.step == 0 and self.reference is None and self.world == 1 and needs_reference(self.config.loss_type)
+        first = (self.step == 0 and self.reference is None and self.world == 1 and self.policy_is_reference
+                 and needs_reference(self.config.loss_type))
         if not first:
             return self.compute_loss(batch)
         loss, m = batch_loss(self.model, batch, self.config, self.reference, self.device, policy_is_reference=True)

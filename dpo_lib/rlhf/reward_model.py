@@ -12,8 +12,9 @@ trunk shared by every model that trains only its top blocks, cached features) an
 :mod:`dpo_lib.rlhf.best_of_n` (evaluation by sampling, best-of-N), and measures memory with
 :mod:`dpo_lib.tools.memory`.
 
-This module also holds :func:`train_reward_head` (a reward head on cached features) and
-:func:`end_of_turn_ids`, the tokens that close a response as the reward model saw it in training;
+This module also holds :func:`train_reward_head` (a reward head on cached features),
+:func:`end_of_turn_ids`, the tokens that close a response as the reward model saw it in training, and
+:class:`RewardModelJudge`, a reward model as the judge of iterative DPO (:mod:`dpo_lib.iterate`);
 the mask and padding helpers it shares with PPO are in :mod:`dpo_lib.rlhf.masks`.
 
 Shapes: ``B`` sequences, ``P`` prompt tokens (left-padded), ``R`` response tokens (right-padded
@@ -28,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpo_lib.data import tokenize_pair
-from dpo_lib.rlhf.masks import last_index, position_ids_from_mask
+from dpo_lib.data import encode_prompt, tokenize_pair
+from dpo_lib.rlhf.masks import last_index, left_pad, position_ids_from_mask
 
 
 # ------------------------------------------------------------------ reward model (Bradley–Terry)
@@ -122,3 +123,40 @@ def train_reward_head(reward_model: RewardModel, chosen_hidden: torch.Tensor, re
         head.weight /= std
         head.bias.copy_((head.bias - scores.mean()) / std)
     return history
+
+
+# ------------------------------------------------------------------ a reward model as a judge
+class RewardModelJudge:
+    """A :class:`RewardModel` as a judge ``(texts, prompts) -> list[float]`` for
+    :func:`dpo_lib.sampling.make_pairs` and :func:`dpo_lib.iterate.iterate` (``takes_prompts``:
+    they pass each text's prompt). Each answer is scored as the reward model saw its training
+    pairs: the prompt as the chat template writes it for generation, the answer's tokens, and the
+    end-of-turn tokens (:func:`end_of_turn_ids`, or ``suffix_ids``); left-padded batches."""
+
+    takes_prompts = True
+
+    def __init__(self, reward_model: RewardModel, tokenizer, suffix_ids=None, batch_size: int = 32,
+                 name: str = "reward_model"):
+        self.reward_model, self.tokenizer, self.batch_size, self.name = reward_model, tokenizer, batch_size, name
+        self.suffix = list(end_of_turn_ids(tokenizer) if suffix_ids is None else suffix_ids)
+
+    @torch.no_grad()
+    def __call__(self, texts, prompts=None) -> list[float]:
+        if prompts is None or len(prompts) != len(texts):
+            raise ValueError("RewardModelJudge scores prompt + answer: pass prompts=, one per text")
+        rows, completions = [], []
+        for text, prompt in zip(texts, prompts):
+            p = encode_prompt(self.tokenizer, prompt)
+            r = list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + self.suffix
+            rows.append(p + r)
+            completions.append([0] * len(p) + [1] * len(r))
+        was_training = self.reward_model.training
+        self.reward_model.eval()
+        device = next(self.reward_model.parameters()).device
+        scores: list[float] = []
+        for i in range(0, len(rows), self.batch_size):
+            ids, mask = left_pad(rows[i:i + self.batch_size], self.tokenizer.pad_token_id)
+            completion = left_pad(completions[i:i + self.batch_size], 0)[0]
+            scores += self.reward_model(ids.to(device), mask.to(device), completion.to(device)).float().tolist()
+        self.reward_model.train(was_training)
+        return scores
