@@ -171,7 +171,7 @@ def dpo_loss(
     h = chosen_logratios - rejected_logratios                        # (B,)
 
     if loss_type == "sigmoid":
-        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+        losses = _smoothed_logistic_loss(beta * h, eps)
     elif loss_type == "robust":
         losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
     elif loss_type == "hinge":
@@ -184,11 +184,17 @@ def dpo_loss(
         else:  # rdpo
             length_gap = (chosen_num_tokens - rejected_num_tokens).to(h.dtype)   # |y_w| - |y_l|
             z = beta * h + rdpo_alpha * length_gap
-        losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+        losses = _smoothed_logistic_loss(z, eps)
 
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def _smoothed_logistic_loss(z: torch.Tensor, eps: float) -> torch.Tensor:
+    r""":math:`-(1-ε)\log\sigma(z) - ε\log\sigma(-z)`: the logistic loss of DPO, SimPO, DPOP and R-DPO on
+    their logit ``z``, with cDPO's label smoothing ε (ε = 0: plain :math:`-\log\sigma(z)`)."""
+    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
 def _reference_free_loss(chosen, rejected, n_chosen, n_rejected, beta, loss_type, eps, gamma):
@@ -196,8 +202,7 @@ def _reference_free_loss(chosen, rejected, n_chosen, n_rejected, beta, loss_type
     chosen_mean = chosen / n_chosen.clamp(min=1).to(chosen.dtype)          # (B,) mean log-prob of y_w
     rejected_mean = rejected / n_rejected.clamp(min=1).to(rejected.dtype)  # (B,)
     if loss_type == "simpo":
-        z = beta * (chosen_mean - rejected_mean) - gamma
-        losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+        losses = _smoothed_logistic_loss(beta * (chosen_mean - rejected_mean) - gamma, eps)
     else:  # orpo, in float32 as TRL computes it
         c, r = chosen_mean.float(), rejected_mean.float()
         log_odds = (c - r) - (log1mexp(c) - log1mexp(r))                  # log odds(y_w) - log odds(y_l)
