@@ -217,8 +217,10 @@ def test_bad_bench_flags(tmp_path):
 
 
 def _long_run(d, model, train, test, out, *extra):
+    # long enough (~10 s at ~40 tiny steps/s) that a second command, which needs seconds to import torch,
+    # starts while the first still runs: with 60 steps a fast CPU finished the first run before it
     return train_args(d, model, train, test, out, "--save-every", 2, "--no-eval", "--precision", "fp32",
-                      "--max-steps", 60, *extra)
+                      "--max-steps", 400, *extra)
 
 
 def test_second_run_into_a_live_runs_folder_is_refused_and_a_killed_run_frees_it(tiny_setup):
