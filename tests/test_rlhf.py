@@ -292,6 +292,21 @@ def test_ppo_increases_a_ground_truth_reward(tok):
     assert logs[0]["objective/kl"] == 0.0                       # policy == reference before any update
 
 
+def test_ppo_monitor_scores_the_rollouts_it_does_not_train_on(tok):
+    """monitor_fn sees the same decoded texts as reward_fn: with both = frac_a the two logged means agree;
+    with monitor = 1 - frac_a it is 1 - the reward, to float precision."""
+    lm = tiny_model(vocab_size=len(tok), seed=0)
+    prompts = [tok.encode(p) for p in ("hi", "abc", "x", "hello")]
+    config = PPOConfig(learning_rate=1e-3, mini_batch_size=4, ppo_epochs=1, max_new_tokens=5)
+    for monitor, expected in ((frac_a, lambda r: r), (lambda t: [1 - v for v in frac_a(t)], lambda r: 1 - r)):
+        torch.manual_seed(0)
+        trainer = PPOTrainer(PolicyWithValue(copy.deepcopy(lm)), lm, tok, config, reward_fn=frac_a, monitor_fn=monitor)
+        logs = trainer.step(prompts)
+        assert logs["env/monitor_mean"] == pytest.approx(expected(logs["env/reward_mean"]), abs=1e-6)
+    plain = PPOTrainer(PolicyWithValue(copy.deepcopy(lm)), lm, tok, config, reward_fn=frac_a).step(prompts)
+    assert "env/monitor_mean" not in plain
+
+
 def test_ppo_step_with_reward_model_and_adaptive_kl(tok):
     torch.manual_seed(0)
     lm = tiny_model(vocab_size=len(tok), seed=0)
@@ -441,6 +456,9 @@ def test_expected_best_of_n_equals_brute_force_over_subsets():
     close(expected_best_of_n(rewards, 6), rewards.max(1).values.mean(), atol=1e-6)
     with pytest.raises(ValueError):
         expected_best_of_n(rewards, 7)
+    per = expected_best_of_n(rewards, 3, proxy, per_prompt=True)                # (P,): their mean is the estimate
+    assert per.shape == (3,)
+    close(per.mean(), expected_best_of_n(rewards, 3, proxy), atol=1e-6)
 
 
 def test_sample_and_score_shapes_and_zero_kl_against_itself(tok):

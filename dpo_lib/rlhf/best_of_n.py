@@ -45,11 +45,13 @@ def sample_and_score(policy, tokenizer, prompts_ids, reward_fn, max_new_tokens: 
     return out
 
 
-def expected_best_of_n(rewards: torch.Tensor, n: int, select_by: torch.Tensor | None = None) -> float:
+def expected_best_of_n(rewards: torch.Tensor, n: int, select_by: torch.Tensor | None = None,
+                       per_prompt: bool = False) -> float | torch.Tensor:
     r"""Expected reward of best-of-``n`` sampling, estimated from ``N >= n`` samples per prompt
     (``rewards`` ``(P, N)``) without bias: the average, over all :math:`\binom{N}{n}` subsets of size
     ``n``, of the reward of the subset's best member, then the mean over prompts. "Best" is by
     ``select_by`` ``(P, N)`` (e.g. a reward model's scores) or, when ``None``, by ``rewards`` itself.
+    ``per_prompt=True`` returns the ``(P,)`` estimates before the mean, for a paired standard error.
 
     Sorted ascending by the selection score, sample ``i`` (0-based) is the best of a random subset with
     probability :math:`\binom{i}{n-1}/\binom{N}{n}`."""
@@ -59,7 +61,8 @@ def expected_best_of_n(rewards: torch.Tensor, n: int, select_by: torch.Tensor | 
     key = rewards if select_by is None else select_by
     ranked = rewards.gather(1, key.argsort(dim=1, stable=True))                    # (P, N) by selection score
     weights = torch.tensor([math.comb(i, n - 1) / math.comb(N, n) for i in range(N)], dtype=rewards.dtype)
-    return float((ranked * weights).sum(1).mean())
+    per = (ranked * weights).sum(1)                                              # (P,)
+    return per if per_prompt else float(per.mean())
 
 
 @torch.no_grad()
@@ -74,6 +77,7 @@ def best_of_n(policy, tokenizer, prompt_ids, n: int, reward_fn, max_new_tokens: 
 
 
 def best_of_n_kl(n: int) -> float:
-    r"""KL of best-of-n to its sampler, :math:`\log n - (n-1)/n` (Stiennon et al. 2020);
-    an upper bound in general (Beirami et al. 2024)."""
+    r"""KL of best-of-n to its sampler, :math:`\log n - (n-1)/n` (Stiennon et al. 2020): exact when no
+    single answer has noticeable probability under the sampler (a continuous-like distribution), an
+    upper bound otherwise (Beirami et al. 2024, Theorem 1)."""
     return math.log(n) - (n - 1) / n

@@ -273,14 +273,19 @@ class PPOTrainer:
 
     ``reward_suffix_ids`` (with a reward model): token ids that close each response before it is
     scored, e.g. the chat template's end of turn (:func:`dpo_lib.rlhf.reward_model.end_of_turn_ids`), so the reward
-    model reads responses exactly as it saw them in its training pairs, finished or cut at ``max_new_tokens``."""
+    model reads responses exactly as it saw them in its training pairs, finished or cut at ``max_new_tokens``.
+
+    ``monitor_fn(texts) -> list[float]``: a second score of every rollout that is logged
+    (``env/monitor_mean``) but never trained on, e.g. the ground truth while PPO optimises a learned
+    reward model, to see the two part ways (reward over-optimisation, Gao et al. 2023)."""
     def __init__(self, policy: PolicyWithValue, ref_model, tokenizer, config: PPOConfig | None = None,
-                 reward_fn=None, reward_model: RewardModel | None = None, reward_suffix_ids=None):
+                 reward_fn=None, reward_model: RewardModel | None = None, reward_suffix_ids=None,
+                 monitor_fn=None):
         if (reward_fn is None) == (reward_model is None):
             raise ValueError("give exactly one of reward_fn and reward_model")
         self.policy, self.ref_model, self.tokenizer = policy, ref_model, tokenizer
         self.config = c = config or PPOConfig()
-        self.reward_fn, self.reward_model = reward_fn, reward_model
+        self.reward_fn, self.reward_model, self.monitor_fn = reward_fn, reward_model, monitor_fn
         self.reward_suffix_ids = list(reward_suffix_ids) if reward_suffix_ids is not None else None
         for frozen in filter(None, (ref_model, reward_model)):
             frozen.eval().requires_grad_(False)
@@ -351,6 +356,8 @@ class PPOTrainer:
             "time/step_seconds": time.perf_counter() - start,
             "time/rollout_seconds": rollout_seconds,
         }
+        if self.monitor_fn is not None:
+            logs["env/monitor_mean"] = sum(float(v) for v in self.monitor_fn(batch.texts)) / B
         self.history.append(logs)
         return logs
 
