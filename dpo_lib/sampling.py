@@ -110,7 +110,8 @@ def score_samples(reward_fn, samples: list[dict], prompts: list | None = None) -
 def make_pairs(model, tokenizer, prompt_rows: list[dict], reward_fn, n: int = 4, min_gap: float = 0.05,
                **generate_kwargs) -> tuple[list[dict], dict]:
     """Best-vs-worst pairs: for each prompt sample ``n`` responses, score them with
-    ``reward_fn(texts) -> list[float]``, keep the highest as chosen and the lowest as rejected.
+    ``reward_fn(texts) -> list[float]``, keep the highest as chosen and the lowest as rejected
+    (:func:`best_vs_worst`).
 
     Prompts whose best and worst differ by less than ``min_gap`` (or whose texts are equal)
     carry no preference and are skipped. The scores are checked (:func:`score_samples`: a failing
@@ -120,6 +121,22 @@ def make_pairs(model, tokenizer, prompt_rows: list[dict], reward_fn, n: int = 4,
     prompts = [r["prompt"] for r in prompt_rows]
     samples = generate(model, tokenizer, prompts, n=n, **generate_kwargs)
     scores = score_samples(reward_fn, samples, prompts)
+    rows, skipped = best_vs_worst(prompt_rows, samples, scores, min_gap)
+    return rows, {"prompts": len(prompt_rows), "pairs": len(rows), "skipped_no_preference": skipped,
+                  "samples": len(samples), "score_mean": sum(scores) / len(scores) if scores else float("nan")}
+
+
+def best_vs_worst(prompt_rows: list[dict], samples: list[dict], scores: list[float],
+                  min_gap: float = 0.05) -> tuple[list[dict], int]:
+    """The pairs of :func:`make_pairs` from scored samples: ``samples[j]`` (a dict with ``prompt_index``
+    and ``text``, in any order) has the score ``scores[j]``.
+
+    For each prompt, in the order of ``prompt_rows``, the highest-scored sample is chosen and the
+    lowest rejected; the prompt is skipped when ``best - worst < min_gap``, when the two texts are
+    equal, or when either is empty. Returns ``(rows, skipped)``: rows in the course schema (message
+    lists when the prompt is one) plus ``score_chosen`` / ``score_rejected``, and how many prompts
+    were skipped.
+    """
     by_prompt: dict[int, list] = {}
     for s, score in zip(samples, scores):
         by_prompt.setdefault(s["prompt_index"], []).append((score, s["text"]))
@@ -135,5 +152,4 @@ def make_pairs(model, tokenizer, prompt_rows: list[dict], reward_fn, n: int = 4,
             chosen, rejected = [{"role": "assistant", "content": best}], [{"role": "assistant", "content": worst}]
         rows.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
                      "score_chosen": round(hi, 4), "score_rejected": round(lo, 4)})
-    return rows, {"prompts": len(prompt_rows), "pairs": len(rows), "skipped_no_preference": skipped,
-                  "samples": len(samples), "score_mean": sum(scores) / len(scores) if scores else float("nan")}
+    return rows, skipped

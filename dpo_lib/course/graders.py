@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from dpo_lib.course.bandit import optimal_policy
+from dpo_lib.course.graders_iterate import *  # noqa: F401,F403 (lesson 07: the check cells import them from here)
+from dpo_lib.course.graders_iterate import ITERATE_GRADERS
 from dpo_lib.course.graders_lm import (  # noqa: F401 (lessons 02 and 03: the check cells import them from here)
     LM_GRADERS,
     check_concatenated_logps,
@@ -39,6 +41,8 @@ from dpo_lib.course.graders_lm import (  # noqa: F401 (lessons 02 and 03: the ch
 )
 from dpo_lib.course.graders_rlhf import *  # noqa: F401,F403 (lessons 04 and 05: the check cells import them from here)
 from dpo_lib.course.graders_rlhf import RLHF_GRADERS
+from dpo_lib.course.graders_variants import *  # noqa: F401,F403 (lesson 06: the check cells import them from here)
+from dpo_lib.course.graders_variants import VARIANT_GRADERS
 from dpo_lib.course.grading_engine import BETAS, Grader, HarnessGrader, Mistake, _gather  # noqa: F401 (re-exported)
 from dpo_lib.logprobs import sequence_logprobs
 from dpo_lib.losses import dpo_loss
@@ -343,6 +347,8 @@ GRADERS: dict[str, Grader] = {
                               ("attention_mask", "prompt_lengths"), ("completion_mask",), MASK_MISTAKES),
     **LM_GRADERS,  # lessons 02 and 03: dpo_lib.course.graders_lm
     **RLHF_GRADERS,  # lessons 04 and 05: dpo_lib.course.graders_rlhf
+    **VARIANT_GRADERS,  # lesson 06: dpo_lib.course.graders_variants
+    **ITERATE_GRADERS,  # lesson 07: dpo_lib.course.graders_iterate
 }
 
 
