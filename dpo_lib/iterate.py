@@ -41,7 +41,9 @@ Resume: a re-run with the same settings continues at the first round without a s
 round's folder is cleared and the round redone from the last finished round's ``policy/``); with
 other settings it is refused (:class:`dpo_lib.job.ResumeMismatch`) once a round is finished (before
 that there is nothing to continue, and the run starts afresh). ``rounds`` may grow between runs: a
-finished run given more rounds continues.
+finished run given more rounds continues. While only round 1 is finished the reference mode may
+change too: round 1 trains against the starting model in both modes. :func:`branch` uses that to
+start a ``previous`` run from an ``initial`` run's round 1 instead of training it again.
 """
 
 from __future__ import annotations
@@ -115,12 +117,17 @@ def _card(settings: IterateConfig, job: JobConfig, config: TrainConfig, judge, p
             "model_fingerprint": fingerprint, "versions": package_versions()}
 
 
-def _check_card(out: Path, card: dict) -> None:
+# settings round 1 does not read: its reference is the starting model in both modes
+ROUND_1_FREE = {"reference"}
+
+
+def _check_card(out: Path, card: dict, done: int) -> None:
     path = out / "run_card.json"
     if not path.is_file():
         return
     old = json.loads(path.read_text())
-    diffs = resume_conflicts(old, card, sections=("iterate", "config", "job"), free=ITERATE_FREE)
+    free = ITERATE_FREE | (ROUND_1_FREE if done == 1 else set())
+    diffs = resume_conflicts(old, card, sections=("iterate", "config", "job"), free=free)
     for k, what in (("judge", "the judge"), ("heldout_data_sha256_16", "the held-out data")):
         if old.get(k) != card.get(k):
             diffs.append(f"{what} changed ({old.get(k)} -> {card.get(k)})")
@@ -156,7 +163,7 @@ def iterate(out: str | Path, settings: IterateConfig, job: JobConfig | None = No
         card = _card(settings, job, config, judge, prompt_rows, eval_rows, model_fingerprint(start))
         done = finished_rounds(out)
         if done:
-            _check_card(out, card)
+            _check_card(out, card, done)
         else:  # nothing finished to continue: start afresh, with these settings
             (out / "baseline.json").unlink(missing_ok=True)
         atomic_write_text(out / "run_card.json", json.dumps(card, indent=1))
@@ -187,6 +194,26 @@ def iterate(out: str | Path, settings: IterateConfig, job: JobConfig | None = No
         return summaries
     finally:
         lock.close()
+
+
+def branch(src: str | Path, dst: str | Path) -> Path:
+    """Start the run in ``dst`` from round 1 of the finished run in ``src``: copies its run card,
+    baseline and ``round_1/``, so that :func:`iterate` on ``dst`` resumes at round 2. Round 1 does not
+    depend on the reference mode (both train against the starting model), so ``dst`` may be continued
+    with ``reference="previous"`` from an ``initial`` run (the other settings must stay the same, as
+    on any resume). Saves one round of sampling and training per extra arm; ``dst`` must not exist."""
+    src, dst = Path(src), Path(dst)
+    if finished_rounds(src) < 1:
+        raise IterationError(f"{src}: no finished round 1 to branch from (no {round_dir(src, 1) / 'summary.json'})")
+    if dst.exists():
+        raise IterationError(f"{dst} exists already: branch into a new folder")
+    dst.mkdir(parents=True)
+    for name in ("run_card.json", "baseline.json"):
+        shutil.copy2(src / name, dst / name)
+    shutil.copytree(round_dir(src, 1), round_dir(dst, 1))
+    first = json.loads((round_dir(src, 1) / "summary.json").read_text())
+    atomic_write_text(dst / "summary.json", json.dumps([first], indent=1))
+    return dst
 
 
 def _judged(judge, samples: list[dict], prompts: list, where: str) -> list[float]:
@@ -280,4 +307,4 @@ def _round(k: int, out: Path, policy, s: Setup, prompt_rows: list[dict], baselin
     return summary
 
 
-__all__ = ["ITERATE_FREE", "IterationError", "finished_rounds", "iterate", "round_dir", "sample_seed"]
+__all__ = ["ITERATE_FREE", "IterationError", "branch", "finished_rounds", "iterate", "round_dir", "sample_seed"]

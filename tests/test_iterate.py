@@ -11,7 +11,7 @@ import torch
 from _tiny import save_tiny, toy_rows, train_config, write_jsonl
 
 from dpo_lib.config import ConfigError, IterateConfig, JobConfig
-from dpo_lib.iterate import TIMING_KEYS, IterationError, finished_rounds, iterate, round_dir, sample_seed
+from dpo_lib.iterate import TIMING_KEYS, IterationError, branch, finished_rounds, iterate, round_dir, sample_seed
 from dpo_lib.job import ResumeMismatch
 from dpo_lib.models import load_model
 from dpo_lib.sampling import JudgeError, make_pairs, score_samples
@@ -273,6 +273,32 @@ def test_resume_with_other_settings_is_refused(setup, initial_run):
         iterate(out, *configs(setup, out, min_gap=0.1), judge=CharJudge(), true_reward=CharJudge())
     assert "--min-gap 0.05 (now 0.1)" in str(e.value)
     assert (out / "summary.json").read_text() == before and not round_dir(out, 3).exists()
+
+
+def test_branch_continues_round_1_with_the_previous_reference(setup, initial_run, previous_run):
+    """An ``initial`` run's round 1, branched and continued with ``reference="previous"``, gives the
+    round 2 of a ``previous`` run from scratch (same seeds; round 1 is the same in both modes)."""
+    src, _ = initial_run
+    _, straight = previous_run
+    dst = branch(src, setup["dir"] / "branched")
+    assert finished_rounds(dst) == 1 and (dst / "baseline.json").read_text() == (src / "baseline.json").read_text()
+    judge = CharJudge()
+    summaries = iterate(dst, *configs(setup, dst, reference="previous"), judge=judge, true_reward=CharJudge())
+    assert judge.calls == 2  # round 2 only: its training samples and its held-out samples
+    assert untimed(summaries)[1] == untimed(straight)[1]
+    with pytest.raises(IterationError, match="exists already"):
+        branch(src, dst)
+    with pytest.raises(IterationError, match="no finished round 1"):
+        branch(setup["dir"] / "nothing-here", setup["dir"] / "branch-of-nothing")
+
+
+def test_the_reference_mode_may_change_only_while_round_1_alone_is_finished(setup, initial_run):
+    out, _ = initial_run  # two rounds finished: round 2 depended on the mode
+    with pytest.raises(ResumeMismatch, match="--reference initial \\(now previous\\)"):
+        iterate(out, *configs(setup, out, reference="previous", rounds=3), judge=CharJudge(), true_reward=CharJudge())
+    dst = branch(out, setup["dir"] / "branched-beta")  # one round finished: other settings still count
+    with pytest.raises(ResumeMismatch, match="--beta 0.1 \\(now 0.2\\)"):
+        iterate(dst, *configs(setup, dst, reference="previous", beta=0.2), judge=CharJudge(), true_reward=CharJudge())
 
 
 def test_reward_model_judge_scores_prompt_and_answer():
