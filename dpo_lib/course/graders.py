@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from dpo_lib.course.bandit import optimal_policy
+from dpo_lib.course.graders_gpu import *  # noqa: F401,F403 (lesson 05: the check cells import them from here)
+from dpo_lib.course.graders_gpu import GPU_GRADERS
 from dpo_lib.course.graders_iterate import *  # noqa: F401,F403 (lesson 07: the check cells import them from here)
 from dpo_lib.course.graders_iterate import ITERATE_GRADERS
 from dpo_lib.course.graders_lm import (  # noqa: F401 (lessons 02 and 03: the check cells import them from here)
@@ -39,7 +41,7 @@ from dpo_lib.course.graders_lm import (  # noqa: F401 (lessons 02 and 03: the ch
     reference_reference_logps,
     reference_split_prompt_completion,
 )
-from dpo_lib.course.graders_rlhf import *  # noqa: F401,F403 (lessons 04 and 05: the check cells import them from here)
+from dpo_lib.course.graders_rlhf import *  # noqa: F401,F403 (lesson 04: the check cells import them from here)
 from dpo_lib.course.graders_rlhf import RLHF_GRADERS
 from dpo_lib.course.graders_variants import *  # noqa: F401,F403 (lesson 06: the check cells import them from here)
 from dpo_lib.course.graders_variants import VARIANT_GRADERS
@@ -346,7 +348,8 @@ GRADERS: dict[str, Grader] = {
     "completion_mask": Grader("completion_mask", reference_completion_mask, _mask_case,
                               ("attention_mask", "prompt_lengths"), ("completion_mask",), MASK_MISTAKES),
     **LM_GRADERS,  # lessons 02 and 03: dpo_lib.course.graders_lm
-    **RLHF_GRADERS,  # lessons 04 and 05: dpo_lib.course.graders_rlhf
+    **RLHF_GRADERS,  # lesson 04: dpo_lib.course.graders_rlhf
+    **GPU_GRADERS,  # lesson 05: dpo_lib.course.graders_gpu
     **VARIANT_GRADERS,  # lesson 06: dpo_lib.course.graders_variants
     **ITERATE_GRADERS,  # lesson 07: dpo_lib.course.graders_iterate
 }
