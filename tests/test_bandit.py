@@ -145,3 +145,20 @@ def test_custom_loss_fn_is_used():
 
     run = B.train_dpo_bandit_exact(ref, rewards, 0.5, steps=5, loss_fn=loss_fn)
     assert calls == [0.5] * 5 and len(run.losses) == 5
+
+
+def test_deterministic_preference_dpo_gap_grows_ipo_settles_at_one_over_two_beta():
+    """Azar et al. 2023, Sec. 4.2: y_w always beats y_l. DPO's loss -log sigmoid(beta h) has no finite minimiser, so
+    with a constant learning rate h keeps growing; IPO's (h - 1/(2 beta))^2 is minimised at h = 1/(2 beta) = 5."""
+    ref = torch.tensor([0.05, 0.30, 0.25, 0.20, 0.12, 0.08], dtype=torch.float64)
+    pairs = (torch.tensor([5]), torch.tensor([0]))
+    gap = lambda thetas: (thetas[:, 5] - thetas[:, 0]) - (ref[5].log() - ref[0].log())   # (steps,)
+    dpo = B.train_dpo_bandit(ref, pairs, 0.1, steps=1000, lr=0.05, schedule="constant", record=True)
+    ipo = B.train_dpo_bandit(ref, pairs, 0.1, steps=1000, lr=0.05, schedule="constant", record=True, loss_type="ipo")
+    h_dpo, h_ipo = gap(dpo.thetas), gap(ipo.thetas)
+    assert dpo.thetas.shape == (1000, 6)
+    assert h_dpo[999] > h_dpo[499] + 5 > h_dpo[99] + 5 > 10       # still climbing
+    assert abs(h_ipo[999].item() - 5.0) < 1e-2 and abs(h_ipo[499].item() - 5.0) < 0.1
+    assert B.train_dpo_bandit(ref, pairs, 0.1, steps=3).thetas is None
+    with pytest.raises(ValueError, match="schedule"):
+        B.train_dpo_bandit(ref, pairs, 0.1, steps=3, schedule="cosine")

@@ -475,6 +475,30 @@ def test_sample_and_score_shapes_and_zero_kl_against_itself(tok):
     assert other["kl"].abs().sum() > 0
 
 
+def _only_token_model(tok, logit_of_eos: float):
+    """A tiny LM whose next-token logits are 0 everywhere except EOS's, ``logit_of_eos``; or, with a large positive
+    value, EOS and nothing else (the other logits are pushed to -1e4)."""
+    lm = tiny_model(vocab_size=len(tok), seed=0)
+    lm.lm_head = torch.nn.Linear(lm.config.hidden_size, len(tok), bias=True)   # untied, so the embeddings stay
+    with torch.no_grad():
+        lm.lm_head.weight.zero_()
+        lm.lm_head.bias.fill_(-1e4 if logit_of_eos > 0 else 0.0)
+        lm.lm_head.bias[tok.eos_token_id] = logit_of_eos
+    return lm
+
+
+def test_sample_and_score_lengths_count_to_the_eos_and_flag_answers_cut_at_the_cap(tok):
+    """A model that can only say EOS ends every answer after 1 token (the EOS counts); one that can never say it
+    is cut at the cap, 5 tokens, and no answer is flagged as ended."""
+    prompts = [tok.encode("hi"), tok.encode("abc")]
+    out = sample_and_score(_only_token_model(tok, 1.0), tok, prompts, frac_a, max_new_tokens=5, n=3)
+    torch.testing.assert_close(out["lengths"], torch.ones(2, 3))
+    assert out["ended"].all()
+    out = sample_and_score(_only_token_model(tok, -1e4), tok, prompts, frac_a, max_new_tokens=5, n=3)
+    torch.testing.assert_close(out["lengths"], torch.full((2, 3), 5.0))
+    assert not out["ended"].any()
+
+
 def test_megabytes_counts_shared_tensors_once():
     lm = tiny_model(seed=0)                       # tied embeddings: lm_head.weight is embed_tokens.weight
     n = sum(p.numel() for p in lm.parameters())   # parameters() already yields the tied tensor once

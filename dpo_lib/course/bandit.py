@@ -48,6 +48,7 @@ class BanditRun(NamedTuple):
     probs: torch.Tensor   # (K,) final policy pi_theta
     losses: list[float]   # batch loss at every step (before the update)
     theta: torch.Tensor   # (K,) final logits
+    thetas: torch.Tensor | None = None  # (steps, K) the logits after every update, with record=True
 
 
 def optimal_policy(ref_probs: torch.Tensor, rewards: torch.Tensor, beta: float) -> torch.Tensor:
@@ -123,13 +124,18 @@ def train_dpo_bandit(
     weights: torch.Tensor | None = None,
     loss_type: str = "sigmoid",
     loss_fn: Callable | None = None,
+    schedule: str = "linear",
+    record: bool = False,
 ) -> BanditRun:
     """Minimise the DPO loss (Eq. 7) over the bandit's logits, full batch, starting at ``pi_ref``.
 
     ``pairs`` is ``(chosen, rejected)``, two ``[N]`` index tensors. The loss only depends on how
     often each ordered pair occurs, so duplicates are merged into counts first (fast for
     large ``N``); ``weights`` (``[N]``) optionally weights the pairs instead. Optimiser: Adam
-    with a learning rate decaying linearly to 0, which settles on the minimiser.
+    with a learning rate decaying linearly to 0, which settles on the minimiser
+    (``schedule="constant"`` keeps it fixed: a loss without a finite minimiser then shows that it has
+    none, as DPO on a deterministic preference, Azar et al. 2023, Sec. 4.2). ``record=True`` keeps the
+    logits after every update in ``thetas``.
     ``loss_fn`` replaces :func:`dpo_lib.losses.dpo_loss` (same signature and return), e.g.
     with a learner's own implementation.
     """
@@ -141,8 +147,12 @@ def train_dpo_bandit(
     weights = weights / weights.sum()                                   # (M,)
     log_ref = torch.log(ref_probs)                                      # (K,)
     theta = log_ref.clone().requires_grad_(True)                        # (K,) pi_theta = pi_ref at step 0
+    if schedule not in ("linear", "constant"):
+        raise ValueError(f"schedule must be 'linear' or 'constant', got {schedule!r}")
     opt = torch.optim.Adam([theta], lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / steps)
+    decay = (lambda t: 1 - t / steps) if schedule == "linear" else (lambda t: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, decay)
+    thetas = []
     loss_fn = loss_fn or (lambda *a, beta: dpo_loss(*a, beta=beta, loss_type=loss_type))
     losses = []
     threads = torch.get_num_threads()
@@ -157,10 +167,12 @@ def train_dpo_bandit(
             opt.step()
             sched.step()
             losses.append(loss.item())
+            if record:
+                thetas.append(theta.detach().clone())
     finally:
         torch.set_num_threads(threads)
     theta = theta.detach()
-    return BanditRun(torch.softmax(theta, -1), losses, theta)
+    return BanditRun(torch.softmax(theta, -1), losses, theta, torch.stack(thetas) if record else None)
 
 
 def train_dpo_bandit_exact(

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from dpo_lib.course.failures import clean_accuracy, flip_labels
 from dpo_lib.course.grading_engine import Grader, HarnessGrader, Mistake
 from dpo_lib.losses import dpo_loss
 
@@ -172,9 +173,7 @@ def _flip_case(g: torch.Generator, k: int) -> tuple:
     return rows, flip
 
 
-def reference_flip_labels(rows, flip):
-    """New rows: ``chosen`` and ``rejected`` swapped where ``flip[i]``, every other field kept; the input unchanged."""
-    return [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if f else dict(r) for r, f in zip(rows, flip)]
+reference_flip_labels = flip_labels  # lesson 06's own, dpo_lib.course.failures
 
 
 def _run_flip(fn: Callable, rows, flip):
@@ -250,12 +249,7 @@ def _clean_case(g: torch.Generator, k: int) -> tuple:
     return chosen, rejected, flipped
 
 
-def reference_clean_accuracy(chosen_rewards, rejected_rewards, flipped):
-    """The fraction of pairs whose *clean* chosen reply gets the higher reward, strictly: a flipped row's clean
-    chosen is its noisy rejected."""
-    clean_chosen = torch.where(flipped, rejected_rewards, chosen_rewards)
-    clean_rejected = torch.where(flipped, chosen_rewards, rejected_rewards)
-    return (clean_chosen > clean_rejected).float().mean().item()
+reference_clean_accuracy = clean_accuracy  # dpo_lib.course.failures
 
 
 CLEAN_ACCURACY_MISTAKES = [

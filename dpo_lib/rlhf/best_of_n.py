@@ -25,21 +25,26 @@ def sample_and_score(policy, tokenizer, prompts_ids, reward_fn, max_new_tokens: 
 
     Returns ``texts`` (``P * n``, prompt-major), ``rewards`` ``(P, n)`` from ``reward_fn(texts)`` and
     ``kl`` ``(P, n)``, each sample's :math:`\log\pi(y|x) - \log\pi_\text{ref}(y|x)` (its mean is the
-    Monte-Carlo sequence KL; all zeros without ``ref_model``). With ``reward_model`` also
+    Monte-Carlo sequence KL; all zeros without ``ref_model``), ``lengths`` ``(P, n)``, the response tokens
+    up to and including the EOS, and ``ended`` ``(P, n)``, whether the response ended on its own before
+    ``max_new_tokens`` (``False``: cut at the cap, so its length is a lower bound). With ``reward_model`` also
     ``proxy`` ``(P, n)``, its scores of the responses closed with ``reward_suffix_ids``."""
     torch.manual_seed(seed)
     jobs = [list(ids) for ids in prompts_ids for _ in range(n)]
-    texts, rewards, kls, proxy = [], [], [], []
+    texts, rewards, kls, proxy, lengths, ended = [], [], [], [], [], []
     for i in range(0, len(jobs), batch_size):
         batch = rollout(policy, tokenizer, jobs[i:i + batch_size], max_new_tokens, ref_model, temperature)
         texts += batch.texts
         rewards += [float(r) for r in reward_fn(batch.texts)]
         kls += (batch.logprobs - batch.ref_logprobs).sum(-1).tolist()
+        lengths += batch.response_mask.sum(-1).tolist()
+        ended += ((batch.response_ids == tokenizer.eos_token_id) & batch.response_mask.bool()).any(-1).tolist()
         if reward_model is not None:
             proxy += reward_model(*closed_turns(batch, reward_suffix_ids or [], tokenizer.eos_token_id,
                                                 tokenizer.pad_token_id)).tolist()
     P = len(prompts_ids)
-    out = {"texts": texts, "rewards": torch.tensor(rewards).view(P, n), "kl": torch.tensor(kls).view(P, n)}
+    out = {"texts": texts, "rewards": torch.tensor(rewards).view(P, n), "kl": torch.tensor(kls).view(P, n),
+           "lengths": torch.tensor(lengths, dtype=torch.float32).view(P, n), "ended": torch.tensor(ended).view(P, n)}
     if reward_model is not None:
         out["proxy"] = torch.tensor(proxy).view(P, n)
     return out
