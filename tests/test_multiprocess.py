@@ -61,6 +61,9 @@ def worker(out: Path) -> None:
             weights = {k: v.detach().clone() for k, v in acc.unwrap_model(trainer.model).state_dict().items()}
             torch.save(weights, out / name / "weights.pt")
         acc.wait_for_everyone()
+    # tear the gloo process group down before exit: left to the interpreter's shutdown, its threads
+    # can be destroyed while still joinable ("terminate called without an active exception", SIGABRT)
+    acc.end_training()
 
 
 def free_port() -> int:
