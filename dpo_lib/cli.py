@@ -226,7 +226,8 @@ def cmd_pairs(a) -> int:
 
 
 def cmd_validate(a) -> int:
-    from dpo_lib.data import DataError, load_preferences, tokenize_rows
+    from dpo_lib.data import DataError, load_preferences
+    from dpo_lib.features import tokenize_rows
 
     tokenizer = None
     if a.max_length:

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from dpo_lib.data import batch_to, collate, collate_sequences, length_sorted_batches
+from dpo_lib.features import batch_to, collate, collate_sequences, length_sorted_batches
 from dpo_lib.logprobs import concatenated_forward
 from dpo_lib.precision import autocast
 

@@ -62,6 +62,7 @@ from dpo_lib import data as D
 from dpo_lib.checkpoints import atomic_write_text
 from dpo_lib.config import IterateConfig, JobConfig, TrainConfig
 from dpo_lib.evaluation import HeldoutEval, mean_and_se
+from dpo_lib.features import tokenize_rows
 from dpo_lib.job import ResumeMismatch, Setup, claim_folder, evaluate, resume_conflicts, summarize
 from dpo_lib.logger import package_versions
 from dpo_lib.losses import needs_reference
@@ -169,7 +170,7 @@ def iterate(out: str | Path, settings: IterateConfig, job: JobConfig | None = No
         atomic_write_text(out / "run_card.json", json.dumps(card, indent=1))
         pad = tokenizer.pad_token_id
         initial = FrozenReference(start)
-        eval_features = D.tokenize_rows(tokenizer, eval_rows, job.max_length, job.max_prompt_length)[0] \
+        eval_features = tokenize_rows(tokenizer, eval_rows, job.max_length, job.max_prompt_length)[0] \
             if eval_rows else []
         with autocast(config.precision):
             if eval_features:
@@ -257,7 +258,7 @@ def _round(k: int, out: Path, policy, s: Setup, prompt_rows: list[dict], baselin
         except JudgeError as e:
             raise IterationError(f"round {k}: {e}; the round is not finished (no {rd / 'summary.json'})") from e
     atomic_write_text(rd / "pairs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    features, tok_stats = D.tokenize_rows(tokenizer, rows, job.max_length, job.max_prompt_length) if rows \
+    features, tok_stats = tokenize_rows(tokenizer, rows, job.max_length, job.max_prompt_length) if rows \
         else ([], None)
     if len(features) < config.batch_size:
         raise IterationError(

@@ -34,6 +34,7 @@ import torch
 from dpo_lib import data as D
 from dpo_lib.config import DEFAULT_TEST, DEFAULT_TRAIN, REPO_DATA, JobConfig, TrainConfig  # noqa: F401 (re-exported)
 from dpo_lib.evaluation import HeldoutEval, implicit_reward_accuracy, mean_and_se, sequence_kl, side_by_side, win_rate
+from dpo_lib.features import tokenize_rows
 from dpo_lib.logger import package_versions
 from dpo_lib.losses import needs_reference
 from dpo_lib.models import load_model
@@ -107,9 +108,9 @@ def load(job: JobConfig, config: TrainConfig, out: Path) -> Setup:
     # one (bf16 steps of 8 pairs: 3.9-4.2 s eager vs 4.6-5.1 s sdpa, measured 2026-11-21)
     model, tokenizer = load_model(job.model, trust_remote_code=job.trust_remote_code, attn_implementation="eager")
     pad = tokenizer.pad_token_id
-    train_f, stats = D.tokenize_rows(tokenizer, train_rows, job.max_length, job.max_prompt_length)
+    train_f, stats = tokenize_rows(tokenizer, train_rows, job.max_length, job.max_prompt_length)
     print(f"[dpo_lib] train: {stats.summary()}")
-    eval_f = D.tokenize_rows(tokenizer, eval_rows, job.max_length, job.max_prompt_length)[0] if eval_rows else []
+    eval_f = tokenize_rows(tokenizer, eval_rows, job.max_length, job.max_prompt_length)[0] if eval_rows else []
     reference = FrozenReference(model)
     key = model_fingerprint(model)
     cache, ref_key = out / "cache", f"{key}-{config.precision}"

@@ -144,7 +144,7 @@ def _compact_head_parts(model):
 
 def concatenated_forward(model, batch: dict, average: bool = False,
                          compact_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward over the ``[chosen; rejected]`` batch of :func:`dpo_lib.data.collate`.
+    """One forward over the ``[chosen; rejected]`` batch of :func:`dpo_lib.features.collate`.
 
     Returns ``(chosen_logps, rejected_logps)``, each ``[B]``. One forward instead of two
     halves the number of kernel launches and keeps batch statistics identical for both.

@@ -8,7 +8,7 @@
   so run the policy with its adapter disabled. No second copy at all.
 * :func:`precompute_reference_logps` — run either of the above once over the dataset and
   store the two numbers per pair (cached on disk, keyed by the model and
-  :func:`dpo_lib.data.token_ids_hash` of the token ids). Training then
+  :func:`dpo_lib.features.token_ids_hash` of the token ids). Training then
   needs no reference forward at all: one forward per step instead of two.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dpo_lib.data import collate, length_sorted_batches, token_ids_hash
+from dpo_lib.features import collate, length_sorted_batches, token_ids_hash
 from dpo_lib.logprobs import concatenated_forward
 
 

@@ -19,7 +19,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from dpo_lib.data import encode_prompt  # the chat template lives in dpo_lib.data; notebooks import it from here
+from dpo_lib.features import encode_prompt  # the chat template lives in dpo_lib.features; notebooks import it from here
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from dpo_lib import checkpoints
 from dpo_lib.config import TrainConfig  # noqa: F401 (re-exported: the trainer's settings)
-from dpo_lib.data import batch_to, collate, pair_length
+from dpo_lib.features import batch_to, collate, pair_length
 from dpo_lib.logger import MetricsLogger
 from dpo_lib.logprobs import concatenated_forward
 from dpo_lib.losses import chosen_nll, dpo_loss, needs_reference
@@ -200,7 +200,7 @@ def clip_gradients(model, max_norm: float, acc=None) -> float:
 
 
 class DPOTrainer:
-    """Train ``model`` on tokenized ``features`` (see :func:`dpo_lib.data.tokenize_rows`).
+    """Train ``model`` on tokenized ``features`` (see :func:`dpo_lib.features.tokenize_rows`).
 
     ``reference`` is a callable batch -> (chosen, rejected) log-probs, e.g.
     :class:`dpo_lib.reference.FrozenReference`; leave it ``None`` when every feature already

@@ -40,7 +40,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dpo_lib.data import collate
+from dpo_lib.features import collate
 from dpo_lib.tools.flops import dpo_step_flops
 from dpo_lib.tools.specs import MODELS, model_spec
 

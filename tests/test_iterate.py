@@ -305,7 +305,7 @@ def test_reward_model_judge_scores_prompt_and_answer():
     """The adapter scores what RewardModel scores for prompt + answer + end-of-turn, whatever the batch."""
     from _tiny import tiny
 
-    from dpo_lib.data import encode_prompt
+    from dpo_lib.features import encode_prompt
     from dpo_lib.rlhf.reward_model import RewardModel, RewardModelJudge, end_of_turn_ids
     model, tok = tiny()
     rm = RewardModel.from_causal_lm(model)

@@ -2,7 +2,7 @@ import torch
 from _tiny import tiny, toy_rows
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dpo_lib.data import collate, tokenize_rows
+from dpo_lib.features import collate, tokenize_rows
 from dpo_lib.logprobs import concatenated_forward, sequence_logprobs
 
 

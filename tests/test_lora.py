@@ -12,8 +12,8 @@ from _tiny import tiny, toy_rows, train_config
 
 from dpo_lib import lora
 from dpo_lib import trainer as trainer_module
-from dpo_lib.data import batch_to, collate, tokenize_rows
 from dpo_lib.evaluation import implicit_reward_accuracy, sequence_kl
+from dpo_lib.features import batch_to, collate, tokenize_rows
 from dpo_lib.logprobs import concatenated_forward
 from dpo_lib.reference import AdapterDisabledReference, precompute_reference_logps
 from dpo_lib.sampling import generate

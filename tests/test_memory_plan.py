@@ -26,7 +26,7 @@ import pytest
 import torch
 from test_flop_count import _features
 
-from dpo_lib.data import collate
+from dpo_lib.features import collate
 from dpo_lib.models import tiny_model
 from dpo_lib.tools import vram
 

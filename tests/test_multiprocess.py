@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 
 from _tiny import tiny, toy_rows  # noqa: E402
 
-from dpo_lib.data import tokenize_rows  # noqa: E402
+from dpo_lib.features import tokenize_rows  # noqa: E402
 from dpo_lib.reference import FrozenReference, precompute_reference_logps  # noqa: E402
 from dpo_lib.trainer import DPOTrainer, TrainConfig  # noqa: E402
 

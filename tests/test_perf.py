@@ -73,7 +73,7 @@ def test_cpu_peak_is_measured():
 def _batch(n=6, seed=2):
     from _tiny import tiny, toy_rows
 
-    from dpo_lib.data import collate, tokenize_rows
+    from dpo_lib.features import collate, tokenize_rows
     model, tok = tiny(seed=seed)
     feats, _ = tokenize_rows(tok, toy_rows(n))
     return model, tok, feats, collate(feats, tok.pad_token_id)
@@ -127,7 +127,7 @@ def test_compact_head_falls_back_where_it_cannot_reproduce_the_logits():
 def test_sorted_micro_batches_and_compact_head_give_the_full_batch_step():
     from _tiny import train_config
 
-    from dpo_lib.data import pair_length
+    from dpo_lib.features import pair_length
     from dpo_lib.reference import FrozenReference, precompute_reference_logps
     from dpo_lib.trainer import DPOTrainer
 

@@ -11,8 +11,8 @@ import matplotlib.pyplot as plt
 import pytest
 from _tiny import tiny, toy_rows
 
-from dpo_lib.data import tokenize_rows
 from dpo_lib.evaluation import HeldoutEval, implicit_reward_accuracy
+from dpo_lib.features import tokenize_rows
 from dpo_lib.plots import PANELS, epoch_boundaries, plot_curves, plot_panel, smoothed
 from dpo_lib.reference import FrozenReference, precompute_reference_logps
 from dpo_lib.trainer import DPOTrainer, TrainConfig

@@ -388,7 +388,7 @@ def test_train_only_top_blocks():
 
 
 def test_pair_logps_and_hidden_match_the_reference_and_the_reward_model(tok):
-    from dpo_lib.data import collate, tokenize_rows
+    from dpo_lib.features import collate, tokenize_rows
     from dpo_lib.logprobs import concatenated_forward
     lm = tiny_model(vocab_size=len(tok), seed=0)
     rows = [{"prompt": [{"role": "user", "content": p}], "chosen": [{"role": "assistant", "content": c}],
@@ -557,7 +557,7 @@ def test_frozen_trunk_branches_compute_what_the_whole_model_computes(tok):
 def test_frozen_trunk_runs_ppo_dpo_and_the_pair_pass(tok):
     from _tiny import train_config
 
-    from dpo_lib.data import tokenize_rows
+    from dpo_lib.features import tokenize_rows
     from dpo_lib.trainer import DPOTrainer
     torch.manual_seed(0)
     base = tiny_model(vocab_size=len(tok), seed=0, num_layers=3)

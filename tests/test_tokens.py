@@ -5,7 +5,7 @@ import torch
 from _tiny import conv_row
 
 from dpo_lib.course.mask_view import mask_counts, mask_table, show_mask, token_info, visible
-from dpo_lib.data import collate, tokenize_pair
+from dpo_lib.features import collate, tokenize_pair
 from dpo_lib.logprobs import sequence_logprobs
 from dpo_lib.models import tiny_tokenizer
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from _tiny import tiny, toy_rows
 
-from dpo_lib.data import collate, tokenize_rows
+from dpo_lib.features import collate, tokenize_rows
 from dpo_lib.reference import AdapterDisabledReference, FrozenReference, precompute_reference_logps
 from dpo_lib.trainer import DPOTrainer, NonFiniteError, TrainConfig, lr_factor
 
@@ -151,7 +151,7 @@ def test_lora_reference_is_the_base_with_adapter_disabled():
     lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                       init_lora_weights=False))
     f, _ = tokenize_rows(tok, toy_rows(4))
-    from dpo_lib.data import collate
+    from dpo_lib.features import collate
     batch = collate(f, tok.pad_token_id)
     ref = AdapterDisabledReference(lora)
     c, r = ref(batch)

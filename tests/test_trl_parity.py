@@ -20,7 +20,7 @@ trl = pytest.importorskip("trl", reason="parity tests need the dev extra (trl)")
 
 from _tiny import tiny, toy_rows, train_config  # noqa: E402
 
-from dpo_lib.data import collate, tokenize_rows  # noqa: E402
+from dpo_lib.features import collate, tokenize_rows  # noqa: E402
 from dpo_lib.logprobs import concatenated_forward  # noqa: E402
 from dpo_lib.losses import chosen_nll, dpo_loss  # noqa: E402
 from dpo_lib.reference import FrozenReference, precompute_reference_logps  # noqa: E402

@@ -67,7 +67,7 @@ def _template_ids(tokenizer, messages, **kwargs) -> list[int]:
 
 def reference_split_prompt_completion(tokenizer, prompt, response):
     """Token ids of the prompt (with the assistant header) and of the completion (the answer and
-    its end-of-turn tokens), as :func:`dpo_lib.data.tokenize_pair` splits them."""
+    its end-of-turn tokens), as :func:`dpo_lib.features.tokenize_pair` splits them."""
     prompt_ids = _template_ids(tokenizer, prompt, add_generation_prompt=True)
     full_ids = _template_ids(tokenizer, prompt + response)
     return prompt_ids, full_ids[len(prompt_ids):]
@@ -136,7 +136,7 @@ def _tiny_lm(seed: int):
 
 
 def _pair_batch(g: torch.Generator, n_pairs: int) -> dict:
-    from dpo_lib.data import collate, tokenize_pair
+    from dpo_lib.features import collate, tokenize_pair
     rows = [{"prompt": _messages(g, 1),
              "chosen": [{"role": "assistant", "content": _words(g, 1, 4)}],
              "rejected": [{"role": "assistant", "content": _words(g, 1, 4) + " no"}]} for _ in range(n_pairs)]

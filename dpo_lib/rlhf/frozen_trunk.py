@@ -19,7 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from dpo_lib.data import batch_to, collate
+from dpo_lib.features import batch_to, collate
 from dpo_lib.logprobs import sequence_logprobs
 from dpo_lib.rlhf.masks import position_ids_from_mask
 from dpo_lib.rlhf.reward_model import pool_hidden
@@ -131,7 +131,7 @@ class TopBlocksLM(nn.Module):
 @torch.no_grad()
 def pair_logps_and_hidden(model: nn.Module, features: list[dict], pad_token_id: int,
                           batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """One pass of a frozen causal LM over tokenized preference pairs (:func:`dpo_lib.data.tokenize_rows`)
+    """One pass of a frozen causal LM over tokenized preference pairs (:func:`dpo_lib.features.tokenize_rows`)
     gives what lesson 04 caches:
 
     All on the CPU, float32:

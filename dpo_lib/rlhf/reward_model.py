@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpo_lib.data import encode_prompt, tokenize_pair
+from dpo_lib.features import encode_prompt, tokenize_pair
 from dpo_lib.rlhf.masks import last_index, left_pad, position_ids_from_mask
 
 

@@ -8,7 +8,7 @@ file order by both (TRL: ``train_sampling_strategy="sequential"``), PyTorch's fu
 (dpo_lib's optimizer, and TRL's default with torch >= 2.8) at a constant learning rate,
 gradient clipping at 1, β = 0.1, sigmoid loss. Only pairs whose full tokenization fits
 ``--max-length`` are used, so neither trainer truncates and both score exactly the same
-tokens (checked: ``same_tokens`` in the output compares the :func:`dpo_lib.data.token_ids_hash`
+tokens (checked: ``same_tokens`` in the output compares the :func:`dpo_lib.features.token_ids_hash`
 of the token ids each trainer built).
 
 * TRL: ``trl.DPOTrainer`` with its defaults for everything else — a live reference model
@@ -114,7 +114,7 @@ def add_arguments(p) -> None:
 
 def select_rows(tokenizer, rows: list[dict], n: int, max_length: int) -> tuple[list[dict], list[dict], int]:
     """The first ``n`` rows whose untruncated pair fits ``max_length`` (so no trainer truncates)."""
-    from dpo_lib.data import pair_length, tokenize_rows
+    from dpo_lib.features import pair_length, tokenize_rows
 
     features, _ = tokenize_rows(tokenizer, rows)
     keep_rows, keep_feats, skipped = [], [], 0

@@ -35,7 +35,7 @@ class PolicyAsReference:
     def __call__(self, batch: dict):
         import torch
 
-        from dpo_lib.data import batch_to
+        from dpo_lib.features import batch_to
         from dpo_lib.logprobs import concatenated_forward
         from dpo_lib.precision import autocast
         was_training = self.model.training
@@ -50,7 +50,7 @@ class PolicyAsReference:
 
 
 def run_dpo_lib(spec: dict, model, tokenizer) -> dict:
-    from dpo_lib.data import token_ids_hash, tokenize_rows
+    from dpo_lib.features import token_ids_hash, tokenize_rows
     from dpo_lib.reference import precompute_reference_logps
     from dpo_lib.trainer import DPOTrainer, TrainConfig
 
@@ -104,7 +104,7 @@ def run_trl(spec: dict, model, tokenizer, ref_model) -> dict:
     import trl
     from transformers import TrainerCallback
 
-    from dpo_lib.data import token_ids_hash
+    from dpo_lib.features import token_ids_hash
 
     stamps: list[float] = []
     cpu: list[float] = []
