@@ -1,4 +1,4 @@
-"""``python -m dpo_lib COMMAND``: train, iterate, pairs, validate, exercises, colab, bench.
+"""``python -m dpo_lib COMMAND``: train, iterate, pairs, lengths, validate, exercises, colab, bench.
 
 The ``train`` flags are built from :class:`dpo_lib.config.TrainConfig` and
 :class:`dpo_lib.config.JobConfig`, whose checks run before anything heavy is imported: a bad
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from dpo_lib.config import (
+    DEFAULT_TEST_PROMPTS,
     ConfigError,
     IterateConfig,
     JobConfig,
@@ -27,6 +28,7 @@ from dpo_lib.config import (
     add_arguments,
     at_least,
     from_args,
+    in_range,
     positive,
 )
 
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dpo_lib",
                                      description="Direct Preference Optimization, small and tested.")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,iterate,pairs,validate,exercises,colab,bench}")
+                                metavar="{train,iterate,pairs,lengths,validate,exercises,colab,bench}")
 
     t = sub.add_parser("train", help="DPO-train a model on preference pairs (default: the embedded model on the "
                                      "bundled sentiment pairs)")
@@ -73,6 +75,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--min-gap", type=float, default=0.05, help="skip prompts whose best and worst differ less")
     p.add_argument("--seed", type=int, default=0)
+
+    n = sub.add_parser("lengths", help="sample answers and report where they end: the fraction ended (EOS) "
+                                       "by each token count, to choose a --max-new-tokens at which most end",
+                       description="Sample answers and report where they end. An answer cut at --max-new-tokens "
+                                   "has a length that is only a lower bound: measure length changes at a cap "
+                                   "by which most answers end on their own.")
+    _add_model_args(n)
+    n.add_argument("--prompts", type=Path, default=DEFAULT_TEST_PROMPTS,
+                   help="JSONL with a 'prompt' per line (default: the bundled held-out sentiment prompts)")
+    n.add_argument("-n", "--num-samples", type=int, default=2, help="samples per prompt")
+    n.add_argument("--max-new-tokens", type=int, default=512, help="the longest answer sampled")
+    n.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    n.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1: the full distribution")
+    n.add_argument("--system", default=None, help="a system message put before every (conversational) prompt, "
+                                                  "replacing the prompt's own")
+    n.add_argument("--batch-size", type=int, default=32)
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--json", type=Path, default=None, help="also write the profile to this JSON file")
 
     v = sub.add_parser("validate", help="check preference JSONL files; report FILE:LINE for every bad row")
     v.add_argument("files", nargs="+", type=Path)
@@ -115,6 +135,21 @@ def check_pairs(a) -> None:
     _check("--temperature", a.temperature, positive)
     _check("--min-gap", a.min_gap, at_least(0.0))
     _check("--seed", a.seed, at_least(0))
+    if a.threads is not None:
+        _check("--threads", a.threads, at_least(1))
+
+
+def check_lengths(a) -> None:
+    _check_input("--prompts", a.prompts)
+    for flag in ("num_samples", "max_new_tokens", "batch_size"):
+        _check(flag, getattr(a, flag), at_least(1))
+    _check("--temperature", a.temperature, at_least(0.0))
+    _check("--top-p", a.top_p, in_range(0.0, 1.0, hi_open=False))
+    if a.top_p == 0:
+        raise ConfigError("top_p", "must be > 0")
+    _check("--seed", a.seed, at_least(0))
+    if a.json is not None and a.json.is_dir():
+        raise ConfigError("json", f"is a folder, expected a file to write: {a.json}")
     if a.threads is not None:
         _check("--threads", a.threads, at_least(1))
 
@@ -225,6 +260,53 @@ def cmd_pairs(a) -> int:
     return 0
 
 
+def with_system(rows: list[dict], system: str, path: Path) -> list[dict]:
+    """The prompts of ``rows`` with ``system`` as their system message (replacing their own)."""
+    out = []
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row["prompt"], list):
+            raise ConfigError("system", f"{path}: prompt {i} is a plain string; a system message needs "
+                                        "conversational prompts (lists of messages)")
+        turns = [m for m in row["prompt"] if m["role"] != "system"]
+        out.append(dict(row, prompt=[{"role": "system", "content": system}] + turns))
+    return out
+
+
+def cmd_lengths(a) -> int:
+    from dpo_lib.data import load_prompts
+    from dpo_lib.models import load_model
+    from dpo_lib.sampling import cap_for, ending_profile, generate
+
+    rows = load_prompts(a.prompts)
+    if a.system is not None:
+        rows = with_system(rows, a.system, a.prompts)
+    _threads(a.threads)
+    model, tokenizer = load_model(a.model, trust_remote_code=a.trust_remote_code)
+    start = time.perf_counter()
+    samples = generate(model, tokenizer, [r["prompt"] for r in rows], n=a.num_samples, max_new_tokens=a.max_new_tokens,
+                       temperature=a.temperature, top_p=a.top_p, batch_size=a.batch_size, seed=a.seed)
+    profile = ending_profile(samples, tokenizer.eos_token_id, a.max_new_tokens)
+    seconds = time.perf_counter() - start
+    print(f"[dpo_lib] {profile['samples']} answers ({len(rows)} prompts x {a.num_samples}) from {a.prompts}, "
+          f"temperature {a.temperature}, top-p {a.top_p}, cap {a.max_new_tokens} tokens: {seconds:.0f} s")
+    w = max(4, *(len(str(c)) for c in profile["caps"])) + 2        # a column: the cap, or a fraction 0.00
+    print(f"{'ended by (tokens)':<20}" + "".join(f"{c:>{w}}" for c in profile["caps"]))
+    print(f"{'fraction of answers':<20}" + "".join(f"{f:>{w}.2f}" for f in profile["ended_by"]))
+    mean = profile["mean_length_ended"]
+    print(f"{profile['ended']:.0%} ended before the cap" + (f" (mean length {mean:.1f} tokens)" if mean else "")
+          + f"; {1 - profile['ended']:.0%} were cut at {a.max_new_tokens} tokens, so their lengths are lower bounds")
+    for fraction in (0.5, 0.9):
+        cap = cap_for(profile, fraction)
+        print(f"{fraction:.0%} of the answers end within {cap} tokens" if cap else
+              f"fewer than {fraction:.0%} of the answers end within {a.max_new_tokens} tokens")
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({**profile, "prompts": str(a.prompts), "temperature": a.temperature,
+                                      "top_p": a.top_p, "system": a.system, "seed": a.seed, "seconds": seconds},
+                                     indent=1) + "\n")
+    return 0
+
+
 def cmd_validate(a) -> int:
     from dpo_lib.data import DataError, load_preferences
     from dpo_lib.features import tokenize_rows
@@ -260,7 +342,8 @@ def _bench(a) -> int:
 
 
 COMMANDS = {"train": (None, cmd_train), "iterate": (None, cmd_iterate),
-            "pairs": (check_pairs, cmd_pairs), "validate": (check_validate, cmd_validate),
+            "pairs": (check_pairs, cmd_pairs), "lengths": (check_lengths, cmd_lengths),
+            "validate": (check_validate, cmd_validate),
             "bench": (check_bench, _bench)}
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_TRAIN = REPO_DATA / "sentiment" / "train.jsonl"
 DEFAULT_TEST = REPO_DATA / "sentiment" / "test.jsonl"
+DEFAULT_TEST_PROMPTS = REPO_DATA / "sentiment" / "prompts_test.jsonl"
 SCHEDULES = ("cosine", "linear", "constant")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "dpop", "rdpo", "simpo", "orpo")  # dpo_lib.losses.dpo_loss
 REFERENCE_FREE_LOSSES = ("simpo", "orpo")          # no reference log-probs: the trainer skips the reference

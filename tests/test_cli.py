@@ -208,6 +208,36 @@ def test_bad_pairs_flags(tmp_path):
         assert res.returncode == 2 and res.stderr.startswith(message), res.stderr
 
 
+def test_lengths_reports_where_answers_end_and_writes_the_same_profile(tiny_setup):
+    d, model, _, _ = tiny_setup
+    prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": [{"role": "user", "content": "Hi there"}]},
+                                                {"prompt": [{"role": "system", "content": "Be long."},
+                                                            {"role": "user", "content": "Tell me"}]}])
+    out = cli("lengths", "--model", model, "--prompts", prompts, "--max-new-tokens", 40, "-n", 4, "--seed", 1,
+              "--system", "Be brief.", "--json", d / "lengths.json")
+    assert out.returncode == 0, out.stderr
+    profile = json.loads((d / "lengths.json").read_text())
+    assert profile["samples"] == 8 and profile["caps"] == [16, 32, 40] and profile["system"] == "Be brief."
+    lines = out.stdout.splitlines()
+    assert lines[1].split()[-3:] == ["16", "32", "40"]
+    assert [float(x) for x in lines[2].split()[-3:]] == pytest.approx(profile["ended_by"], abs=0.0051)  # 2 places
+    assert f"{profile['ended']:.0%} ended before the cap" in out.stdout
+    half = next(line for line in lines if "50% of the answers" in line)
+    assert half.startswith("50% of the answers end within" if profile["ended"] >= 0.5 else "fewer than 50%")
+
+
+def test_bad_lengths_flags(tmp_path):
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}])
+    for flags, message in [(("--prompts", tmp_path / "nope.jsonl"), "error: --prompts: no such file"),
+                           (("--max-new-tokens", 0), "error: --max-new-tokens: must be >= 1"),
+                           (("--top-p", 1.5), "error: --top-p: must be in [0.0, 1.0]"),
+                           (("--temperature", -1), "error: --temperature: must be >= 0"),
+                           (("--prompts", plain, "--system", "Be brief."),
+                            f"error: --system: {plain}: prompt 1 is a plain string")]:
+        res = cli("lengths", *flags)
+        assert res.returncode == 2 and res.stderr.startswith(message), res.stderr
+
+
 def test_bad_bench_flags(tmp_path):
     for flags, message in [(("--steps", 1), "error: --steps: must be >= 2"),
                            (("--batch-size", 4, "--micro-batch-size", 3), "error: --micro-batch-size: must divide"),
