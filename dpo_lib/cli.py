@@ -274,8 +274,9 @@ def with_system(rows: list[dict], system: str, path: Path) -> list[dict]:
 
 def cmd_lengths(a) -> int:
     from dpo_lib.data import load_prompts
+    from dpo_lib.evaluation import cap_for, ending_profile
     from dpo_lib.models import load_model
-    from dpo_lib.sampling import cap_for, ending_profile, generate
+    from dpo_lib.sampling import generate
 
     rows = load_prompts(a.prompts)
     if a.system is not None:

@@ -14,7 +14,8 @@
   reference is a model or a reference of :mod:`dpo_lib.reference` (e.g. a LoRA policy's base).
 * :func:`side_by_side` — a Markdown table of reference and policy samples.
 * :func:`ended_by` — the fraction of sampled answers that have ended within t tokens, for every
-  t up to the cap: a length comparison that stays honest when some answers are cut at the cap.
+  t up to the cap: a length comparison that stays honest when some answers are cut at the cap;
+  :func:`ending_profile` reads it at a few caps (``python -m dpo_lib lengths``).
 * :class:`HeldoutEval` — a training callback: held-out accuracy and margin every few steps, in
   the step's metrics (``eval/accuracy``, ``eval/margin``), so the curves show them next to the
   training batches' figures.
@@ -158,6 +159,35 @@ def ended_by(samples: list[dict], eos_token_id: int, cap: int) -> list[float]:
         total += c
         out.append(total / len(samples) if samples else float("nan"))
     return out
+
+
+STANDARD_CAPS = (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+def ending_profile(samples: list[dict], eos_token_id: int, max_new_tokens: int, caps=None) -> dict:
+    """:func:`ended_by` read at a few caps, for choosing a ``max_new_tokens`` at which most answers end
+    (``python -m dpo_lib lengths``): an answer cut at the cap has a length that is only a lower bound,
+    so a length change measured on cut answers understates itself.
+
+    ``caps`` defaults to :data:`STANDARD_CAPS` up to ``max_new_tokens``, plus ``max_new_tokens`` itself.
+    Returns ``caps``, ``ended_by`` (the fraction ended within each cap, EOS counted), ``ended`` (within
+    ``max_new_tokens``), ``mean_length_ended`` (``None`` when none ended), ``samples``, ``max_new_tokens``.
+    """
+    if not samples:
+        raise ValueError("no samples")
+    caps = sorted({c for c in (caps or STANDARD_CAPS) if c <= max_new_tokens} | {max_new_tokens})
+    curve = ended_by(samples, eos_token_id, max_new_tokens)                    # curve[t - 1]: ended within t
+    lengths = [s["response_ids"].index(eos_token_id) + 1 for s in samples
+               if eos_token_id in s["response_ids"][:max_new_tokens]]
+    return {"samples": len(samples), "max_new_tokens": max_new_tokens, "caps": caps,
+            "ended_by": [curve[c - 1] for c in caps], "ended": curve[-1],
+            "mean_length_ended": sum(lengths) / len(lengths) if lengths else None}
+
+
+def cap_for(profile: dict, fraction: float) -> int | None:
+    """The smallest cap of ``profile`` (:func:`ending_profile`) by which ``fraction`` of the answers
+    ended, or ``None`` when not even ``max_new_tokens`` is enough."""
+    return next((c for c, f in zip(profile["caps"], profile["ended_by"]) if f >= fraction), None)
 
 
 def side_by_side(prompts: list[str], reference: list[str], policy: list[str],

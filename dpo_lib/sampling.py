@@ -154,34 +154,3 @@ def best_vs_worst(prompt_rows: list[dict], samples: list[dict], scores: list[flo
                      "score_chosen": round(hi, 4), "score_rejected": round(lo, 4)})
     return rows, skipped
 
-
-# ----------------------------------------------------------------------------- where answers end
-
-STANDARD_CAPS = (16, 32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
-
-
-def ending_profile(samples: list[dict], eos_token_id: int, max_new_tokens: int, caps=None) -> dict:
-    """Where sampled answers end: for each cap ``t`` the fraction of ``samples`` (from :func:`generate`)
-    that ended on their own, with EOS, within ``t`` tokens (EOS counted).
-
-    An answer cut at ``max_new_tokens`` has no EOS and a length that is only a lower bound, so a
-    length change measured on cut answers understates itself; this profile is how to pick a cap at
-    which most answers end. ``caps`` defaults to :data:`STANDARD_CAPS` up to ``max_new_tokens``, plus
-    ``max_new_tokens`` itself. Returns ``caps``, ``ended_by`` (one fraction per cap, non-decreasing),
-    ``ended`` (the fraction at ``max_new_tokens``), ``mean_length_ended`` (``None`` when none ended),
-    ``samples`` and ``max_new_tokens``.
-    """
-    if not samples:
-        raise ValueError("no samples")
-    caps = sorted({c for c in (caps or STANDARD_CAPS) if c <= max_new_tokens} | {max_new_tokens})
-    ended = [len(s["response_ids"]) for s in samples if s["response_ids"] and s["response_ids"][-1] == eos_token_id]
-    n = len(samples)
-    return {"samples": n, "max_new_tokens": max_new_tokens, "caps": caps,
-            "ended_by": [sum(length <= c for length in ended) / n for c in caps],
-            "ended": len(ended) / n, "mean_length_ended": sum(ended) / len(ended) if ended else None}
-
-
-def cap_for(profile: dict, fraction: float) -> int | None:
-    """The smallest cap of ``profile`` (:func:`ending_profile`) by which ``fraction`` of the answers
-    ended, or ``None`` when not even ``max_new_tokens`` is enough."""
-    return next((c for c, f in zip(profile["caps"], profile["ended_by"]) if f >= fraction), None)

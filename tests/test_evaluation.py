@@ -1,12 +1,15 @@
-"""dpo_lib.evaluation: the statistics the lessons print, checked against hand arithmetic."""
+"""dpo_lib.evaluation: the statistics the lessons print, checked against hand arithmetic (and where
+answers end, also on the tiny model's own samples)."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+from _tiny import tiny
 
-from dpo_lib.evaluation import ended_by, mean_and_se, win_rate
+from dpo_lib.evaluation import cap_for, ended_by, ending_profile, mean_and_se, win_rate
+from dpo_lib.sampling import generate
 
 EOS = 9
 
@@ -38,3 +41,42 @@ def test_ended_by_counts_only_answers_that_emit_eos_before_the_cap():
 def test_ended_by_refuses_a_cap_below_one():
     with pytest.raises(ValueError, match="cap"):
         ended_by([{"response_ids": [EOS]}], EOS, cap=0)
+
+
+# ----------------------------------------------------------------------------- where answers end
+
+def answers(*specs):
+    """(length, ended) -> a sample whose response has that many tokens, the last EOS when it ended."""
+    return [{"response_ids": [5] * (n - 1) + [EOS if ended else 7]} for n, ended in specs]
+
+
+def test_fractions_by_hand():
+    """Lengths 3, 5, 2 ended (EOS counted), one cut at the cap of 8. Caps 2, 4, 8:
+    ended within 2: {2} -> 1/4; within 4: {2, 3} -> 2/4; within 8: 3/4; mean ended length (3+5+2)/3."""
+    p = ending_profile(answers((3, True), (5, True), (8, False), (2, True)), EOS, 8, caps=[2, 4])
+    assert p["caps"] == [2, 4, 8]                         # the cap itself is always a column
+    assert p["ended_by"] == [0.25, 0.5, 0.75]
+    assert p["ended"] == 0.75 and p["mean_length_ended"] == pytest.approx(10 / 3) and p["samples"] == 4
+    assert cap_for(p, 0.5) == 4 and cap_for(p, 0.25) == 2 and cap_for(p, 0.9) is None
+
+
+def test_an_answer_ending_on_the_last_allowed_token_has_ended_and_caps_above_the_limit_are_dropped():
+    p = ending_profile(answers((8, True), (8, False)), EOS, 8)
+    assert p["caps"] == [8]                                # 16, 32, ... are above max_new_tokens
+    assert p["ended_by"] == [0.5]
+    p = ending_profile(answers((4, False)), EOS, 100)
+    assert p["caps"] == [16, 32, 64, 96, 100] and p["ended"] == 0 and p["mean_length_ended"] is None
+    with pytest.raises(ValueError, match="no samples"):
+        ending_profile([], EOS, 8)
+
+
+def test_profile_of_sampled_answers_matches_their_tokens():
+    model, tok = tiny()
+    prompts = [[{"role": "user", "content": w}] for w in ("Hi", "Tell me", "Why?", "Ok")]
+    samples = generate(model, tok, prompts, n=4, max_new_tokens=24, seed=3, progress=False)
+    p = ending_profile(samples, tok.eos_token_id, 24, caps=[4, 8, 16])
+    lengths = [s["response_ids"].index(tok.eos_token_id) + 1 for s in samples if tok.eos_token_id in s["response_ids"]]
+    assert all(len(s["response_ids"]) == 24 for s in samples if tok.eos_token_id not in s["response_ids"])
+    assert 0 < len(lengths) < len(samples)                 # some end, some are cut: both cases are counted
+    assert p["ended_by"] == [sum(n <= c for n in lengths) / 16 for c in (4, 8, 16, 24)]
+    assert p["ended_by"] == sorted(p["ended_by"])
