@@ -125,18 +125,21 @@ def _check_input(flag: str, path: Path) -> None:
     _check(flag, path, readable_file)
 
 
+def _check_output(flag: str, path: Path | None) -> None:
+    if path is not None and path.is_dir():
+        raise ConfigError(flag.lstrip("-").replace("-", "_"), f"is a folder, expected a file to write: {path}")
+
+
 def check_pairs(a) -> None:
     _check_input("--prompts", a.prompts)
-    if a.out.is_dir():
-        raise ConfigError("out", f"is a folder, expected a file to write: {a.out}")
+    _check_output("--out", a.out)
     _check("--num-samples", a.num_samples, at_least(2))
     for flag in ("max_new_tokens", "batch_size"):
         _check(flag, getattr(a, flag), at_least(1))
     _check("--temperature", a.temperature, positive)
     _check("--min-gap", a.min_gap, at_least(0.0))
     _check("--seed", a.seed, at_least(0))
-    if a.threads is not None:
-        _check("--threads", a.threads, at_least(1))
+    _check("--threads", a.threads, at_least(1))
 
 
 def check_lengths(a) -> None:
@@ -148,10 +151,8 @@ def check_lengths(a) -> None:
     if a.top_p == 0:
         raise ConfigError("top_p", "must be > 0")
     _check("--seed", a.seed, at_least(0))
-    if a.json is not None and a.json.is_dir():
-        raise ConfigError("json", f"is a folder, expected a file to write: {a.json}")
-    if a.threads is not None:
-        _check("--threads", a.threads, at_least(1))
+    _check_output("--json", a.json)
+    _check("--threads", a.threads, at_least(1))
 
 
 def check_validate(a) -> None:
@@ -161,8 +162,7 @@ def check_validate(a) -> None:
 def check_bench(a) -> None:
     if a.dataset is not None:
         _check_input("--dataset", a.dataset)
-    if a.json is not None and a.json.is_dir():
-        raise ConfigError("json", f"is a folder, expected a file to write: {a.json}")
+    _check_output("--json", a.json)
     _check("--steps", a.steps, at_least(2))  # the first step of each run is a warm-up, not timed
     for flag in ("batch_size", "repeats", "threads", "micro_batch_size"):
         _check(flag, getattr(a, flag), at_least(1))

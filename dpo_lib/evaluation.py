@@ -177,11 +177,10 @@ def ending_profile(samples: list[dict], eos_token_id: int, max_new_tokens: int, 
         raise ValueError("no samples")
     caps = sorted({c for c in (caps or STANDARD_CAPS) if c <= max_new_tokens} | {max_new_tokens})
     curve = ended_by(samples, eos_token_id, max_new_tokens)                    # curve[t - 1]: ended within t
-    lengths = [s["response_ids"].index(eos_token_id) + 1 for s in samples
-               if eos_token_id in s["response_ids"][:max_new_tokens]]
+    share = [b - a for a, b in zip([0.0] + curve, curve)]                      # share[t - 1]: ended at token t
+    mean = sum(t * f for t, f in enumerate(share, 1)) / curve[-1] if curve[-1] else None
     return {"samples": len(samples), "max_new_tokens": max_new_tokens, "caps": caps,
-            "ended_by": [curve[c - 1] for c in caps], "ended": curve[-1],
-            "mean_length_ended": sum(lengths) / len(lengths) if lengths else None}
+            "ended_by": [curve[c - 1] for c in caps], "ended": curve[-1], "mean_length_ended": mean}
 
 
 def cap_for(profile: dict, fraction: float) -> int | None:

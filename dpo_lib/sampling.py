@@ -19,7 +19,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from dpo_lib.features import encode_prompt  # the chat template lives in dpo_lib.features; notebooks import it from here
+from dpo_lib.features import encode_prompt  # the chat template's home; notebooks import it from here
 
 
 @torch.no_grad()
@@ -153,4 +153,3 @@ def best_vs_worst(prompt_rows: list[dict], samples: list[dict], scores: list[flo
         rows.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
                      "score_chosen": round(hi, 4), "score_rejected": round(lo, 4)})
     return rows, skipped
-
