@@ -37,6 +37,11 @@ from pathlib import Path
 
 import nbformat
 
+__all__ = [
+    "DEFAULT_HINT", "NOTE_ID", "TODO", "check", "fill_solutions", "generate", "hint_cell", "is_hint", "main",
+    "make_exercise", "solution_regions", "strip_solutions",
+]
+
 BEGIN = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION\b[ \t]*(?P<hint>.*?)[ \t]*$")
 END = re.compile(r"^[ \t]*# END SOLUTION\b")
 TODO = re.compile(r'^[ \t]*raise NotImplementedError\(["\']TODO')

@@ -25,6 +25,12 @@ from dpo_lib.course.grading_engine import (
 from dpo_lib.logprobs import concatenated_forward, sequence_logprobs
 from dpo_lib.losses import dpo_loss
 
+__all__ = [
+    "LM_GRADERS", "check_concatenated_logps", "check_dpo_train_step", "check_reference_logps",
+    "check_split_prompt_completion", "reference_concatenated_logps", "reference_dpo_train_step",
+    "reference_reference_logps", "reference_split_prompt_completion",
+]
+
 _WORDS = ["good", "bad", "film", "cafe", "slow", "warm", "cold", "nice", "plot", "rain", "sun", "tea"]
 _TOKENIZERS: dict[bool, Any] = {}
 

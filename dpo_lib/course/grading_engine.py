@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+__all__ = ["BETAS", "Grader", "HarnessGrader", "Mistake", "probe_weights"]
+
 BETAS = (0.1, 0.5, 0.05, 0.3, 2.0, 0.2)  # never 1: a missing β must change the result
 
 
