@@ -45,17 +45,13 @@ from dpo_lib.course.graders_rlhf import *  # noqa: F401,F403 (lesson 04: the che
 from dpo_lib.course.graders_rlhf import RLHF_GRADERS
 from dpo_lib.course.graders_variants import *  # noqa: F401,F403 (lesson 06: the check cells import them from here)
 from dpo_lib.course.graders_variants import VARIANT_GRADERS
-from dpo_lib.course.grading_engine import BETAS, Grader, HarnessGrader, Mistake, _gather  # noqa: F401 (re-exported)
+from dpo_lib.course.grading_engine import BETAS, Grader, GradingError, HarnessGrader, Mistake, _gather  # noqa: F401 (re-exported)
 from dpo_lib.logprobs import sequence_logprobs
 from dpo_lib.losses import dpo_loss
 
-__all__ = [
-    "GRADERS", "check_completion_mask", "check_dpo_gradient", "check_dpo_loss", "check_implicit_rewards",
-    "check_ipo_loss", "check_optimal_policy", "check_reward_accuracy", "check_sequence_logprobs",
-    "reference_completion_mask", "reference_dpo_gradient", "reference_dpo_loss", "reference_implicit_rewards",
-    "reference_ipo_loss", "reference_reward_accuracy", "reference_sequence_logprobs",
-]
-
+__all__ = ["GRADERS", "check_completion_mask", "check_dpo_gradient", "check_dpo_loss", "check_implicit_rewards",
+           "check_ipo_loss", "check_optimal_policy", "check_reward_accuracy", "check_sequence_logprobs",
+           "reference_completion_mask", "reference_dpo_loss"]
 
 # --------------------------------------------------------------------------- case makers
 def _bandit_case(g: torch.Generator, k: int) -> tuple:

@@ -25,11 +25,9 @@ from dpo_lib.course.grading_engine import (
 from dpo_lib.logprobs import concatenated_forward, sequence_logprobs
 from dpo_lib.losses import dpo_loss
 
-__all__ = [
-    "LM_GRADERS", "check_concatenated_logps", "check_dpo_train_step", "check_reference_logps",
-    "check_split_prompt_completion", "reference_concatenated_logps", "reference_dpo_train_step",
-    "reference_reference_logps", "reference_split_prompt_completion",
-]
+__all__ = ["LM_GRADERS", "check_concatenated_logps", "check_dpo_train_step", "check_reference_logps",
+           "check_split_prompt_completion", "reference_concatenated_logps", "reference_dpo_train_step",
+           "reference_reference_logps", "reference_split_prompt_completion"]
 
 _WORDS = ["good", "bad", "film", "cafe", "slow", "warm", "cold", "nice", "plot", "rain", "sun", "tea"]
 _TOKENIZERS: dict[bool, Any] = {}
@@ -62,7 +60,7 @@ def _ids(x: Any, what: str, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         x = x.reshape(-1).tolist()
     if not isinstance(x, (list, tuple)) or not all(isinstance(i, int) for i in x):
-        raise AssertionError(f"✗ {name}: {what} must be a list of token ids (ints), got {_describe(x)}")
+        raise GradingError(f"✗ {name}: {what} must be a list of token ids (ints), got {_describe(x)}")
     return torch.tensor(list(x), dtype=torch.long)
 
 
@@ -91,9 +89,9 @@ def _split_case(g: torch.Generator, k: int) -> tuple:
 def _run_split(fn: Callable, case: _Case) -> tuple:
     out = fn(case.tokenizer, copy.deepcopy(case.prompt), copy.deepcopy(case.response))
     if out is None:
-        raise AssertionError("✗ split_prompt_completion: your function returned None — did you forget `return`?")
+        raise GradingError("✗ split_prompt_completion: your function returned None — did you forget `return`?")
     if not isinstance(out, (tuple, list)) or len(out) != 2:
-        raise AssertionError("✗ split_prompt_completion: return a tuple (prompt_ids, completion_ids), "
+        raise GradingError("✗ split_prompt_completion: return a tuple (prompt_ids, completion_ids), "
                              f"got {_describe(out)}")
     return tuple(_ids(x, what, "split_prompt_completion") for x, what in zip(out, ("prompt_ids", "completion_ids")))
 
@@ -166,9 +164,9 @@ def _clone_batch(batch: dict) -> dict:
 
 def _pair_of_logps(out: Any, name: str) -> tuple:
     if out is None:
-        raise AssertionError(f"✗ {name}: your function returned None — did you forget `return`?")
+        raise GradingError(f"✗ {name}: your function returned None — did you forget `return`?")
     if not isinstance(out, (tuple, list)) or len(out) != 2:
-        raise AssertionError(f"✗ {name}: return a tuple (chosen_logps, rejected_logps), got {_describe(out)}")
+        raise GradingError(f"✗ {name}: return a tuple (chosen_logps, rejected_logps), got {_describe(out)}")
     return tuple(out)
 
 
@@ -333,11 +331,11 @@ def _run_train_step(fn: Callable, case: _Case) -> tuple:
         for batch in case.batches:
             loss = fn(policy, ref, optimizer, _clone_batch(batch), case.beta)
             if loss is None:
-                raise AssertionError("✗ dpo_train_step: your function returned None — did you forget `return`?")
+                raise GradingError("✗ dpo_train_step: your function returned None — did you forget `return`?")
             if isinstance(loss, torch.Tensor) and loss.numel() == 1:
                 loss = loss.item()
             if not isinstance(loss, (int, float)):
-                raise AssertionError(f"✗ dpo_train_step: return the loss of the step (a float), got {_describe(loss)}")
+                raise GradingError(f"✗ dpo_train_step: return the loss of the step (a float), got {_describe(loss)}")
             losses.append(float(loss))
     finally:
         tracked = probe.close()
