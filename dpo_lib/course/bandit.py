@@ -41,6 +41,11 @@ import torch
 
 from dpo_lib.losses import dpo_loss
 
+__all__ = [
+    "all_pairs_with_bt_weights", "dpo_grad_weight", "kl", "log_partition", "optimal_policy", "rlhf_objective",
+    "sample_preference_pairs", "train_dpo_bandit", "train_dpo_bandit_exact",
+]
+
 
 class BanditRun(NamedTuple):
     """Result of a bandit training run: ``probs, losses = train_dpo_bandit(...)``."""

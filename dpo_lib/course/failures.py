@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+__all__ = ["ches", "clean_accuracy", "flip_labels", "flip_mask", "swap_words", "word_swap_pairs"]
+
 # positive word -> an opposite that VADER scores as negative; a pair differs where these words occur
 SENTIMENT_SWAPS = {
     "great": "terrible", "good": "bad", "love": "hate", "loved": "hated", "amazing": "awful",

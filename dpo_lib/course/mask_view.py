@@ -24,6 +24,8 @@ from typing import Sequence
 
 import torch
 
+__all__ = ["mask_counts", "mask_table", "show_mask", "token_info", "visible"]
+
 ROLES = ("prompt", "scored", "unscored", "pad")
 COLOURS = {"prompt": "#e6e6e6", "scored": "#b7e4b0", "unscored": "#f7c6c5", "pad": "#ffffff"}
 TEXT_MARKS = {"prompt": ("", ""), "scored": ("[", "]"), "unscored": ("{", "}"), "pad": ("", "")}

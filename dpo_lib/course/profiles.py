@@ -1,6 +1,6 @@
 """Run profiles: how big a lesson runs, chosen once per machine and printed by every lesson.
 
-Three profiles (COURSE.md, "Profiles, stored outputs and nbval"):
+Three profiles (the README's "Course map"):
 
 * ``smoke``  — CI (the ``CI`` variable is set): the mechanics only, seconds to a few minutes;
 * ``laptop`` — no CUDA device: the lesson's real result on 2 CPU cores, within the budget the
@@ -24,6 +24,11 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Any
+
+__all__ = [
+    "ENV", "ProfileError", "current", "describe", "error_outputs", "measured", "parse_measured", "pick",
+    "stored_profile",
+]
 
 PROFILES = ("smoke", "laptop", "gpu")
 ENV = "DPO_COURSE_PROFILE"

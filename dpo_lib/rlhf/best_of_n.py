@@ -16,6 +16,8 @@ import torch
 from dpo_lib.rlhf.ppo import closed_turns, rollout
 from dpo_lib.rlhf.reward_model import RewardModel
 
+__all__ = ["best_of_n", "best_of_n_kl", "expected_best_of_n", "sample_and_score"]
+
 
 @torch.no_grad()
 def sample_and_score(policy, tokenizer, prompts_ids, reward_fn, max_new_tokens: int, ref_model=None,

@@ -24,6 +24,8 @@ from dpo_lib.logprobs import sequence_logprobs
 from dpo_lib.rlhf.masks import position_ids_from_mask
 from dpo_lib.rlhf.reward_model import pool_hidden
 
+__all__ = ["FrozenTrunk", "pair_logps_and_hidden", "train_only_top_blocks"]
+
 
 def train_only_top_blocks(model: nn.Module, n_blocks: int | None) -> int:
     """Freeze a causal LM except its last ``n_blocks`` transformer blocks and final norm

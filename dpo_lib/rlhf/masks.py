@@ -8,6 +8,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = [
+    "entropy_from_logits", "last_index", "left_pad", "mask_after_eos", "masked_mean", "masked_whiten",
+    "position_ids_from_mask",
+]
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over the positions where ``mask`` is 1 (a scalar)."""

@@ -38,6 +38,12 @@ from dpo_lib.rlhf.masks import (
 )
 from dpo_lib.rlhf.reward_model import RewardModel
 
+__all__ = [
+    "AdaptiveKLController", "FixedKLController", "PPOConfig", "PPOTrainer", "PolicyWithValue", "closed_turns",
+    "compute_gae", "kl_shaped_rewards", "ppo_policy_loss", "ppo_value_loss", "response_forward", "rollout",
+    "sequence_kl",
+]
+
 
 # ------------------------------------------------------------------ policy with a value head
 class ValueHead(nn.Module):

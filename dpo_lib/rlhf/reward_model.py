@@ -32,6 +32,10 @@ from torch import nn
 from dpo_lib.features import encode_prompt, tokenize_pair
 from dpo_lib.rlhf.masks import last_index, left_pad, position_ids_from_mask
 
+__all__ = [
+    "RewardModel", "RewardModelJudge", "end_of_turn_ids", "pool_hidden", "reward_model_loss", "train_reward_head",
+]
+
 
 # ------------------------------------------------------------------ reward model (Bradley–Terry)
 class RewardModel(nn.Module):

@@ -13,7 +13,7 @@ it, times 3 for forward + backward). ``n_ctx`` is the sequence length: ``QK^T`` 
 :math:`4 \cdot n_{layer} \cdot t \cdot d` at position ``t``, about ``n_ctx/2`` on average under the
 causal mask. A kernel that computes the whole ``T x T`` square (what
 ``torch.utils.flop_counter.FlopCounterMode`` counts for eager attention) is ``n_ctx = 2T``
-(``tests/test_flop_count.py``).
+(``tests/tools/test_flops.py``).
 
 ``N``, ``d``, ``V`` and the layer count come from :class:`dpo_lib.tools.specs.ModelSpec`
 (:func:`~dpo_lib.tools.specs.model_spec` of a model or its config; :func:`non_embedding_params`
@@ -54,6 +54,11 @@ from typing import Any
 import torch
 
 from dpo_lib.tools.specs import model_spec
+
+__all__ = [
+    "dpo_flops_per_token", "dpo_step_flops", "measure_cpu_peak_flops", "measure_matmul_flops", "mfu",
+    "non_embedding_params",
+]
 
 
 def non_embedding_params(model: torch.nn.Module) -> int:

@@ -17,6 +17,11 @@ import sys
 import torch
 from torch import nn
 
+__all__ = [
+    "PeakMemory", "max_rss_bytes", "measure_saved_activations", "megabytes", "peak_memory_bytes", "rss_bytes",
+    "rss_mb",
+]
+
 
 def megabytes(*modules: nn.Module, trainable_only: bool = False) -> float:
     """Size of the parameters of ``modules`` in MB (2**20 bytes); a tensor shared by several

@@ -19,6 +19,11 @@ from typing import Any, Iterable
 from dpo_lib.lora import ALL_LINEAR, LINEAR_MODULES  # the names LoRA adapts, defined with LoRA
 from dpo_lib.precision import choose_precision
 
+__all__ = [
+    "GPU", "GPUS", "GiB", "MODELS", "ModelSpec", "cpu_device", "detect_device", "gpu_spec", "lora_trainable_params",
+    "model_spec", "peak_flops", "pick_precision",
+]
+
 GiB = 2 ** 30
 
 

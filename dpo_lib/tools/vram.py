@@ -1,15 +1,16 @@
 r"""How much GPU memory will a DPO run need? A planner you can check by hand.
 
 :func:`plan` takes a model (a :class:`ModelSpec`: a preset name, a ``transformers`` config,
-or just its size), a GPU (:data:`GPUS` or your own ``{"name", "memory_gib", "bf16"}``), a
+or just its size), a GPU (:data:`~dpo_lib.tools.specs.GPUS` or your own ``{"name", "memory_gib", "bf16"}``), a
 sequence length, a target global batch and a training mode, and returns a :class:`Plan`:
 the precision, the micro-batch, the gradient accumulation and whether to use gradient
 checkpointing, each with a one-line reason, and the memory estimate behind the choice
 (``plan(...).explain()`` prints it all).
 
-The model and GPU specs come from :mod:`dpo_lib.tools.specs` (re-exported here), the precision
-rule from :mod:`dpo_lib.precision`, the LoRA target names from :mod:`dpo_lib.lora`, and
-:func:`measure_saved_activations` from :mod:`dpo_lib.tools.memory`.
+:func:`estimate` adds up one configuration term by term (the formulas are on it and on
+:func:`activation_bytes_per_token`); :func:`plan` makes the choices (its docstring says how). The
+model and GPU specs come from :mod:`dpo_lib.tools.specs`, the precision rule from
+:mod:`dpo_lib.precision`, the LoRA target names from :mod:`dpo_lib.lora`.
 
 Notation
 --------
@@ -35,66 +36,6 @@ Modes
     ``lora`` on a base whose decoder linear layers are stored in 4-bit NF4 (bitsandbytes).
     Embeddings, norms and the LM head stay in the compute dtype.
 
-The terms (bytes)
------------------
-weights
-    ``full``: ``P·b``. ``lora``: ``P·b + 4·P_train``. ``qlora``:
-    ``P_lin·q4 + (P − P_lin)·b + 4·P_train`` with
-    ``q4 = 1/2 + 1/64 + 4/(64·256) ≈ 0.516`` bytes per weight: 4 bits per weight, one 8-bit
-    absmax constant per block of 64 weights, and (double quantisation) one fp32 constant per
-    256 of those blocks (Dettmers et al. 2023, QLoRA, §3).
-reference
-    ``full``: a frozen second copy, ``P·b``, unless the reference log-probs are
-    precomputed (then 0). ``lora`` / ``qlora``: 0 — the reference is the base model with the
-    adapter switched off (:class:`dpo_lib.reference.AdapterDisabledReference`).
-gradients
-    one per trainable parameter: ``P_train·b`` (``full``), ``4·P_train`` (fp32 adapters).
-optimizer
-    AdamW keeps two fp32 moments, ``8·P_train``; plus fp32 master weights, ``4·P_train``,
-    when ``full`` trains in half precision.
-activations
-    what autograd saves for the backward pass, per token and decoder layer:
-
-    .. math:: A = (8 + 4b)\,h + 5b\,q + 4b\,I
-
-    Each of the two RMSNorms keeps an fp32 copy of its input (``4h``; transformers upcasts
-    inside the norm), the normalised input and the output (``2b·h``); attention keeps Q, K
-    and V (transformers repeats the K/V heads to the width of Q when a padding mask is
-    passed), the SDPA output and its contiguous copy that enters ``o_proj`` (``5b·q``;
-    SDPA/flash attention stores no ``T × T`` matrix); the SwiGLU MLP keeps the gate and up
-    projections, SiLU(gate) and their product (``4b·I``). The final norm adds
-    ``(4 + 2b)·h``. Total ``N·(L·A + (4 + 2b)·h)``. With gradient checkpointing only each
-    layer's input is kept, and one layer is recomputed at a time during the backward pass:
-    ``N·(L·b·h + A + (4 + 2b)·h)``. Checked against the bytes that autograd actually saves
-    (:func:`measure_saved_activations`; within 10 % for the SmolLM2 and tiny Llama models).
-    LoRA saves a little less (frozen linear layers need not keep their inputs), so this is
-    an upper bound there. Eager attention would also keep the ``T × T`` attention
-    probabilities: roughly ``heads·T·(4 + b)`` more bytes per token and layer in half
-    precision (an fp32 softmax and its cast), quadratic in ``T`` overall.
-logits
-    two ``[2B, T, V]`` fp32 tensors are alive at the peak: the policy's logits and then
-    either their gradient (backward) or the reference's logits (its forward):
-    ``2·N·V·4``. We count fp32 because TRL, most loss code and dpo_lib upcast the logits
-    (a sum of bf16 token log-probs is too coarse for DPO, see :mod:`dpo_lib.logprobs`); dpo_lib
-    only computes logits from the first response token on (``logits_to_keep``), so for
-    dpo_lib this is an upper bound. For a 150k vocabulary this is often the largest term of all.
-
-``allocated`` is the sum of these terms: what ``torch.cuda.max_memory_allocated()`` should
-report. On a GPU the plan adds 10 % of it for the caching allocator's fragmentation and
-cuBLAS workspaces, and a fixed 0.5 GiB for the CUDA context (which ``max_memory_allocated``
-never sees); the result is compared with the GPU's memory.
-
-Choices
--------
-* precision: bf16 when the GPU supports it (Ampere and newer: fp32's exponent range, no loss
-  scaling), else fp16 (T4, V100: keep master weights / adapters in fp32), fp32 on a CPU;
-* micro-batch: the largest divisor of the global batch that fits; gradient accumulation
-  makes up the rest, ``global = micro × accumulation``;
-* gradient checkpointing: only when without it the micro-batch would be smaller than
-  ``min(4, global batch)`` pairs and checkpointing allows a larger one. It costs one extra
-  forward pass (about a third more compute), which a tiny micro-batch costs anyway in idle
-  GPU time.
-
 Numbers are estimates: expect the measured peak within roughly ±20 % (allocator
 behaviour, kernels and library versions differ). Memory sizes are printed in GiB (2**30
 bytes), as ``nvidia-smi`` and ``torch.cuda`` report them.
@@ -105,22 +46,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from dpo_lib.lora import ALL_LINEAR, LINEAR_MODULES
+from dpo_lib.lora import ALL_LINEAR
 from dpo_lib.precision import DTYPES
-from dpo_lib.tools.memory import measure_saved_activations
-from dpo_lib.tools.specs import (
+from dpo_lib.tools.memory import measure_saved_activations  # noqa: F401 (lesson 05 imports it from here)
+from dpo_lib.tools.specs import (  # noqa: F401 (lesson 05 and graders_gpu import the specs from here)
     GPU,
-    GPUS,
     MODELS,
     GiB,
     ModelSpec,
-    cpu_device,
     detect_device,
     gpu_spec,
     lora_trainable_params,
     model_spec,
     pick_precision,
 )
+
+__all__ = ["BYTES", "NF4_BYTES", "Memory", "Plan", "activation_bytes_per_token", "estimate", "plan", "plan_table"]
 
 CUDA_CONTEXT_BYTES = GiB // 2     # CUDA context + kernels loaded by torch; not in max_memory_allocated
 ALLOCATOR_SLACK = 0.10            # fragmentation, cuBLAS workspaces, caching-allocator rounding
@@ -137,7 +78,7 @@ MODES = ("full", "lora", "qlora")
 
 @dataclass(frozen=True)
 class Memory:
-    """Bytes per term, as in the module docstring."""
+    """Bytes per term, as in :func:`estimate`."""
 
     weights: float
     reference: float
@@ -172,8 +113,26 @@ class Memory:
 
 
 def activation_bytes_per_token(model: Any, precision: str = "bf16", gradient_checkpointing: bool = False) -> float:
-    """Bytes autograd saves per token: ``L·A + (4 + 2b)·h``, or with checkpointing
-    ``L·b·h + A + (4 + 2b)·h``, with ``A = (8 + 4b)·h + 5b·q + 4b·I`` (see the module docstring)."""
+    r"""Bytes autograd saves for the backward pass, per token: ``L·A + (4 + 2b)·h``, where a decoder
+    layer saves, per token,
+
+    .. math:: A = (8 + 4b)\,h + 5b\,q + 4b\,I
+
+    Each of the two RMSNorms keeps an fp32 copy of its input (``4h``; transformers upcasts
+    inside the norm), the normalised input and the output (``2b·h``); attention keeps Q, K
+    and V (transformers repeats the K/V heads to the width of Q when a padding mask is
+    passed), the SDPA output and its contiguous copy that enters ``o_proj`` (``5b·q``;
+    SDPA/flash attention stores no ``T × T`` matrix); the SwiGLU MLP keeps the gate and up
+    projections, SiLU(gate) and their product (``4b·I``). The final norm adds
+    ``(4 + 2b)·h``. Total ``N·(L·A + (4 + 2b)·h)``. With gradient checkpointing only each
+    layer's input is kept, and one layer is recomputed at a time during the backward pass:
+    ``N·(L·b·h + A + (4 + 2b)·h)``. Checked against the bytes that autograd actually saves
+    (:func:`dpo_lib.tools.memory.measure_saved_activations`; within 10 % for the SmolLM2 and tiny
+    Llama models). LoRA saves a little less (frozen linear layers need not keep their inputs), so this is
+    an upper bound there. Eager attention would also keep the ``T × T`` attention
+    probabilities: roughly ``heads·T·(4 + b)`` more bytes per token and layer in half
+    precision (an fp32 softmax and its cast), quadratic in ``T`` overall.
+    """
     s, b = model_spec(model), BYTES[precision]
     per_layer = (8 + 4 * b) * s.hidden + 5 * b * s.q_dim + 4 * b * s.intermediate
     final = (4 + 2 * b) * s.hidden
@@ -185,7 +144,38 @@ def activation_bytes_per_token(model: Any, precision: str = "bf16", gradient_che
 def estimate(model: Any, mode: str = "lora", seq_len: int = 512, micro_batch: int = 4, precision: str = "bf16",
              gradient_checkpointing: bool = False, precomputed_reference: bool = False, lora_r: int = 16,
              lora_targets: str | Iterable[str] = ALL_LINEAR, cuda: bool = True) -> Memory:
-    """The memory of one configuration, term by term (no choices made: see :func:`plan`)."""
+    """The memory of one configuration, term by term (no choices made: see :func:`plan`), in bytes:
+
+    weights
+        ``full``: ``P·b``. ``lora``: ``P·b + 4·P_train``. ``qlora``:
+        ``P_lin·q4 + (P − P_lin)·b + 4·P_train`` with
+        ``q4 = 1/2 + 1/64 + 4/(64·256) ≈ 0.516`` bytes per weight: 4 bits per weight, one 8-bit
+        absmax constant per block of 64 weights, and (double quantisation) one fp32 constant per
+        256 of those blocks (Dettmers et al. 2023, QLoRA, §3).
+    reference
+        ``full``: a frozen second copy, ``P·b``, unless the reference log-probs are
+        precomputed (then 0). ``lora`` / ``qlora``: 0 — the reference is the base model with the
+        adapter switched off (:class:`dpo_lib.reference.AdapterDisabledReference`).
+    gradients
+        one per trainable parameter: ``P_train·b`` (``full``), ``4·P_train`` (fp32 adapters).
+    optimizer
+        AdamW keeps two fp32 moments, ``8·P_train``; plus fp32 master weights, ``4·P_train``,
+        when ``full`` trains in half precision.
+    activations
+        ``N·`` :func:`activation_bytes_per_token` (what autograd saves for the backward pass).
+    logits
+        two ``[2B, T, V]`` fp32 tensors are alive at the peak: the policy's logits and then
+        either their gradient (backward) or the reference's logits (its forward):
+        ``2·N·V·4``. We count fp32 because TRL, most loss code and dpo_lib upcast the logits
+        (a sum of bf16 token log-probs is too coarse for DPO, see :mod:`dpo_lib.logprobs`); dpo_lib
+        only computes logits from the first response token on (``logits_to_keep``), so for
+        dpo_lib this is an upper bound. For a 150k vocabulary this is often the largest term of all.
+
+    ``allocated`` is the sum of these terms: what ``torch.cuda.max_memory_allocated()`` should
+    report. On a GPU the plan adds 10 % of it for the caching allocator's fragmentation and
+    cuBLAS workspaces, and a fixed 0.5 GiB for the CUDA context (which ``max_memory_allocated``
+    never sees); the result is compared with the GPU's memory.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if precision not in BYTES:
@@ -335,8 +325,16 @@ def plan(model: Any, gpu: Any = "T4", mode: str = "lora", seq_len: int = 512, gl
     """Choose precision, micro-batch, accumulation and gradient checkpointing for ``model`` on ``gpu``.
 
     Anything you pass explicitly (``precision``, ``micro_batch``, ``gradient_checkpointing``)
-    is kept; the rest is chosen as described in the module docstring. ``global_batch`` is in
-    preference pairs per optimizer step.
+    is kept; the rest is chosen so (``global_batch`` is in preference pairs per optimizer step):
+
+    * precision: bf16 when the GPU supports it (Ampere and newer: fp32's exponent range, no loss
+      scaling), else fp16 (T4, V100: keep master weights / adapters in fp32), fp32 on a CPU;
+    * micro-batch: the largest divisor of the global batch that fits; gradient accumulation
+      makes up the rest, ``global = micro × accumulation``;
+    * gradient checkpointing: only when without it the micro-batch would be smaller than
+      ``min(4, global batch)`` pairs and checkpointing allows a larger one. It costs one extra
+      forward pass (about a third more compute), which a tiny micro-batch costs anyway in idle
+      GPU time.
     """
     s, g = model_spec(model), gpu_spec(gpu)
     targets = lora_targets if isinstance(lora_targets, str) else tuple(lora_targets)
@@ -395,8 +393,3 @@ def plan_table(model: Any, gpus: Iterable[Any] = ("T4", "L4", "A100-40GB", "H100
                          f"{p.memory.total / GiB:>10.2f}  {'yes' if p.fits else 'NO'}")
     return "\n".join(lines)
 
-
-__all__ = ["ALL_LINEAR", "GPU", "GPUS", "LINEAR_MODULES", "MODELS", "Memory", "ModelSpec", "Plan",
-           "activation_bytes_per_token", "cpu_device", "detect_device", "estimate", "gpu_spec",
-           "lora_trainable_params", "measure_saved_activations", "model_spec", "pick_precision", "plan",
-           "plan_table"]

@@ -79,6 +79,8 @@ from pathlib import Path
 from dpo_lib.config import REPO_DATA
 from dpo_lib.tools.bench.worker import pair_tokens
 
+__all__ = ["add_arguments", "main"]
+
 LOSS_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}  # max |loss difference| per step; the reasons: module docstring
 BENCH_PACKAGES = ("torch", "transformers", "trl", "accelerate", "datasets")   # the versions the report records
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from dpo_lib.tools.bench.worker import child
 
+__all__ = []
+
 if len(sys.argv) != 3:
     print("usage: python -m dpo_lib.tools.bench SPEC OUT (started by `python -m dpo_lib bench --vs trl`)",
           file=sys.stderr)

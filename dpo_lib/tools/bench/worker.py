@@ -13,6 +13,8 @@ import statistics
 import tempfile
 import time
 
+__all__ = ["PolicyAsReference", "child", "pair_tokens"]
+
 
 def pair_tokens(f: dict) -> int:
     """Non-padding tokens of one pair in the concatenated batch: prompt+chosen and prompt+rejected."""

@@ -24,7 +24,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_flop_count import _features
+from test_flops import _features
 
 from dpo_lib.features import collate
 from dpo_lib.models import tiny_model
