@@ -14,6 +14,12 @@ Three panels, drawn the same way by ``python -m dpo_lib train`` (one PNG each) a
 
 Every panel marks the epoch boundaries: from the second epoch on, the training batches repeat
 pairs the policy has already fitted, so their accuracy rises faster than the held-out one.
+
+**One style for the course** (:data:`COURSE_STYLE`, applied on import, and by
+:func:`use_course_style`): figures at most :data:`SHOWN_WIDTH_PX` pixels wide at 100 dpi, the width
+JupyterLab shows an output image at by default, so they are not scaled down, and no text smaller than
+:data:`MIN_TEXT_PX` pixels there (:func:`smallest_text_px` measures it; the tests hold every figure of
+this module to it). A lesson's own figures use the same rcParams; keep them at most 9.5 inches wide.
 """
 
 from __future__ import annotations
@@ -26,6 +32,34 @@ import matplotlib
 if "inline" not in matplotlib.get_backend():  # notebooks keep their inline backend
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
+
+SHOWN_WIDTH_PX = 950  # how wide JupyterLab shows an output image in its default layout (1280 px window)
+MIN_TEXT_PX = 9       # the smallest legible text there, in pixels
+COURSE_STYLE = {
+    "figure.figsize": (9.0, 3.4), "figure.dpi": 100, "savefig.dpi": 100,
+    "font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10,
+    "xtick.labelsize": 9, "ytick.labelsize": 9, "legend.fontsize": 8, "legend.framealpha": 0.85,
+    "axes.spines.top": False, "axes.spines.right": False, "grid.alpha": 0.3,
+}
+
+
+def use_course_style() -> None:
+    """Apply :data:`COURSE_STYLE` to matplotlib's rcParams (done once when this module is imported)."""
+    matplotlib.rcParams.update(COURSE_STYLE)
+
+
+def smallest_text_px(fig, shown_width: int = SHOWN_WIDTH_PX) -> float:
+    """The height in pixels of the smallest visible text of ``fig`` (ticks, legends, titles) when the figure is
+    shown ``shown_width`` pixels wide (or at its own size, if narrower)."""
+    width_px = fig.get_size_inches()[0] * fig.dpi
+    scale = min(1.0, shown_width / width_px) * fig.dpi / 72
+    fig.canvas.draw()  # tick labels exist once drawn
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    return min(sizes) * scale if sizes else float("inf")
+
+
+use_course_style()
 
 PANELS = {
     "loss": "DPO loss of the training batches",
@@ -94,13 +128,13 @@ def plot_panel(ax, history: list[dict], name: str, beta: float | None = None, wi
     _mark_epochs(ax, history)
     ax.set_xlabel("optimizer step")
     ax.set_title(PANELS[name], fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7.5)
     ax.grid(alpha=0.3)
 
 
-def plot_curves(history: list[dict], beta: float, figsize=(16, 3.8)):
-    """The three panels side by side in one figure (the lessons' view of a run)."""
-    fig, axes = plt.subplots(1, 3, figsize=figsize)
+def plot_curves(history: list[dict], beta: float, figsize=(9.5, 3.6)):
+    """The three panels side by side in one figure (the lessons' view of a run), 950 px wide at 100 dpi."""
+    fig, axes = plt.subplots(1, 3, figsize=figsize, dpi=100)
     for ax, name in zip(axes, PANELS):
         plot_panel(ax, history, name, beta)
     fig.tight_layout()
@@ -112,7 +146,7 @@ def plot_training(history: list[dict], out_dir: str | Path | None = None, beta: 
     """One figure per panel; with ``out_dir`` each is saved as ``NAME.png``. Returns ``{name: path or figure}``."""
     figures = {}
     for name in PANELS:
-        fig, ax = plt.subplots(figsize=(5.5, 3.4))
+        fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
         plot_panel(ax, history, name, beta)
         fig.tight_layout()
         if out_dir is not None:

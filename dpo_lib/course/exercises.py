@@ -15,14 +15,17 @@ included) becomes one line, at the indentation of the ``BEGIN`` marker::
         raise NotImplementedError("TODO: return pi*, a [K] tensor that sums to 1")
 
 How to do it goes in a **hint cell**: a markdown cell of the solution notebook that starts with
-``<details><summary>Hint`` (see :func:`hint_cell`); it renders collapsed, and the generator
-also marks its source hidden (``"jupyter": {"source_hidden": true}``), so a learner opens it only
-when stuck.
+``<details><summary>Hint`` (see :func:`hint_cell`); it renders collapsed, and one click on its
+summary opens it. (Its source is *not* hidden: JupyterLab would then show a collapsed input first,
+and the learner would need two clicks; the generator removes ``source_hidden`` from hint cells.)
 
 Outputs are kept up to the first exercise (the lesson's demos stay readable) and cleared
 from there on, except in ``# NBVAL_CHECK_OUTPUT`` cells, whose stored output is what the
-learner must reproduce. A short note is added after the title, and Colab links point to the
-exercise. :func:`check` lists the exercise files that are out of sync (CI runs it).
+learner must reproduce. A short note for the learner is added after the title (how to check the
+notebook, from JupyterLab's terminal or from a cell, with the course's interpreter), Colab links
+point to the exercise, and the notebook's metadata (not its cells) records that it is generated
+(``"dpo_course": {"generated_from": ...}``). :func:`check` lists the exercise files that are out
+of sync (CI runs it).
 
 Command line: ``python -m dpo_lib exercises [--check]`` (see :func:`main`).
 """
@@ -38,7 +41,8 @@ from pathlib import Path
 import nbformat
 
 __all__ = [
-    "DEFAULT_HINT", "NOTE_ID", "TODO", "check", "fill_solutions", "generate", "hint_cell", "is_hint", "main",
+    "DEFAULT_HINT", "NOTE_ID", "TODO", "check", "check_commands", "fill_solutions", "generate", "hint_cell", "is_hint",
+    "learner_note", "main",
     "make_exercise", "solution_regions", "strip_solutions",
 ]
 
@@ -62,11 +66,9 @@ def is_hint(cell) -> bool:
 
 
 def hint_cell(text: str, title: str = "Hint") -> nbformat.NotebookNode:
-    """A markdown hint cell, collapsed (``<details>``) and with its source hidden; ``text`` is markdown."""
-    cell = nbformat.v4.new_markdown_cell(f"<details><summary><b>{title}</b> (click to open)</summary>\n\n"
+    """A markdown hint cell, collapsed (``<details>``): one click on its summary opens it; ``text`` is markdown."""
+    return nbformat.v4.new_markdown_cell(f"<details><summary><b>{title}</b> (click to open)</summary>\n\n"
                                          f"{text.strip()}\n\n</details>")
-    cell.metadata["jupyter"] = {"source_hidden": True}
-    return cell
 
 
 def solution_regions(source: str) -> list[tuple[int, int]]:
@@ -105,7 +107,7 @@ def make_exercise(solution: nbformat.NotebookNode, name: str = "") -> nbformat.N
             cell.source = cell.source.replace(f"solutions/{name}", f"exercises/{name}")
         cell.metadata.pop("execution", None)  # execution timestamps: noise
         if is_hint(cell):
-            cell.metadata["jupyter"] = {**cell.metadata.get("jupyter", {}), "source_hidden": True}
+            _show_source(cell)
         if cell.cell_type != "code":
             continue
         has_solution = bool(solution_regions(cell.source))
@@ -114,17 +116,41 @@ def make_exercise(solution: nbformat.NotebookNode, name: str = "") -> nbformat.N
             cell.source = strip_solutions(cell.source)
         if seen_exercise and (has_solution or "# NBVAL_CHECK_OUTPUT" not in cell.source):
             cell.outputs, cell.execution_count = [], None
-    note = nbformat.v4.new_markdown_cell(
-        "> **Practice notebook.** Replace each `raise NotImplementedError(\"TODO: ...\")` with your code and "
-        "run the check cell below it; when stuck, open the collapsed **Hint** above the exercise. "
-        "To check the whole notebook: "
-        f"`pytest --nbval-lax exercises/{name}`.  \n"
-        f"> *Course authors:* this file is generated from `solutions/{name}` by "
-        "`python -m dpo_lib exercises`; edit the solution, then regenerate."
-    )
+    note = nbformat.v4.new_markdown_cell(learner_note(name))
     note.id = NOTE_ID
     nb.cells.insert(1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0, note)
+    nb.metadata["dpo_course"] = {"generated_from": f"solutions/{name}", "by": "python -m dpo_lib exercises",
+                                 "edit": "the solution notebook, then regenerate"}
     return nb
+
+
+def check_commands(name: str) -> tuple[str, str]:
+    """How a learner checks ``exercises/<name>`` with the course's own interpreter: from JupyterLab's terminal
+    (it opens in the repository root, where the Quick start made ``.venv``), and from a notebook cell (the
+    kernel's interpreter, whatever it is called; the cell runs in ``exercises/``)."""
+    return (f".venv/bin/python -m pytest exercises/{name}",
+            f'!cd .. && "{{sys.executable}}" -m pytest exercises/{name}')
+
+
+def learner_note(name: str) -> str:
+    """The note under an exercise notebook's title: what to do, and the two ways to check the whole notebook."""
+    terminal, cell = check_commands(name)
+    return ("> **Practice notebook.** Replace each `raise NotImplementedError(\"TODO: ...\")` with your code and "
+            "run the check cell below it: it prints a ✓ line, or the likely mistake. When stuck, open the "
+            "**Hint** above the exercise (one click). To check the whole notebook, save it, then run "
+            f"`{terminal}` in JupyterLab's terminal (*File → New → Terminal*; it opens in the course's folder), "
+            f"or `{cell}` in a cell here (after the set-up cell, which imports `sys`). Cells that start with "
+            "`# NBVAL_CHECK_OUTPUT` must print what is stored under them; `# NBVAL_IGNORE_OUTPUT` marks "
+            "output that differs between runs (timings, versions).")
+
+
+def _show_source(cell) -> None:
+    """Remove ``source_hidden`` from a cell's metadata (and an emptied ``jupyter`` entry)."""
+    jupyter = {k: v for k, v in cell.metadata.get("jupyter", {}).items() if k != "source_hidden"}
+    if jupyter:
+        cell.metadata["jupyter"] = jupyter
+    else:
+        cell.metadata.pop("jupyter", None)
 
 
 def fill_solutions(exercise: nbformat.NotebookNode, solution: nbformat.NotebookNode) -> nbformat.NotebookNode:

@@ -6,7 +6,8 @@ The grader runs the function and the reference implementation on several random 
 
     ✓ dpo_loss: 6/6 cases match
 
-or raises an ``AssertionError`` whose message names the likely mistake. To name it, each
+or raises a ``GradingError`` (an ``AssertionError`` that IPython shows as its message alone, without
+the library's frames) whose message names the likely mistake. To name it, each
 grader also runs a list of *known-wrong variants* of the reference (missing β, mean instead
 of sum, labels not shifted, ...): when the learner's output agrees with a variant, its hint
 is reported. Outputs are compared component by component, so two mistakes in two

@@ -2,10 +2,10 @@
 where the check cells find them.
 
 ``best_vs_worst`` is compared with the library's own pair builder, :func:`dpo_lib.sampling.best_vs_worst`
-(what :func:`dpo_lib.sampling.make_pairs` and :func:`dpo_lib.iterate.iterate` use), on canned scored
+(what :func:`dpo_lib.sampling.make_pairs` and :func:`dpo_lib.recipes.iterate.iterate` use), on canned scored
 samples, shuffled so that a prompt's samples are not next to each other, through a harness that turns
 the returned rows into the ids of their texts. ``round_reference`` is compared with the rule of
-:func:`dpo_lib.iterate.iterate`: round ``k`` trains the policy round ``k - 1`` ended with, against the
+:func:`dpo_lib.recipes.iterate.iterate`: round ``k`` trains the policy round ``k - 1`` ended with, against the
 starting model (``"initial"``) or against that same policy (``"previous"``).
 """
 
@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from dpo_lib.course.grading_engine import BETAS, Grader, HarnessGrader, Mistake
+from dpo_lib.course.grading_engine import BETAS, Grader, GradingError, HarnessGrader, Mistake
 from dpo_lib.sampling import best_vs_worst
 
 __all__ = ["ITERATE_GRADERS", "check_best_vs_worst", "check_round_reference", "reference_best_vs_worst",
@@ -30,17 +30,17 @@ _GAPS = (0.5, 0.375, 0.25, 0.5, 1.0, 0.125)  # binary-exact, so that a gap can e
 def _pairs_case(g: torch.Generator, k: int) -> tuple:
     """``P`` prompts with ``n`` samples each, in a shuffled order. No two scores of a case are equal (whatever
     way a function breaks ties, best and worst are the same). Prompt 0 has a gap of exactly ``min_gap`` (the
-    scores are binary-exact: kept); prompt 1 a gap just under it (skipped), though its best score alone is
-    above ``min_gap``; prompt 2 two copies of one text as its best and worst, scored apart by more than
-    ``min_gap`` (skipped: no preference between identical answers); the other prompts have random scores on
-    a grid of 1/8, each prompt shifted by its own i/256."""
+    scores are binary-exact: kept), though its best score alone is below ``min_gap``; prompt 1 a gap just
+    under it (skipped), though its best score alone is above ``min_gap``; prompt 2 two copies of one text as
+    its best and worst, scored apart by more than ``min_gap`` (skipped: no preference between identical
+    answers); the other prompts have random scores on a grid of 1/8, each prompt shifted by its own i/256."""
     P, n, min_gap = (4, 5, 3, 6, 4, 5)[k], (3, 4, 2, 3, 5, 4)[k], _GAPS[k]
     prompts = [{"prompt": f"Prompt {k}.{i}: say something about the weather."} for i in range(P)]
     samples, scores = [], []
     for i in range(P):
         texts = [f"answer {j} to prompt {i} (round {k})" for j in range(n)]
-        if i == 0:
-            grid = torch.linspace(0, min_gap, n, dtype=torch.float64)
+        if i == 0:  # best - worst is min_gap, while the best score alone is below min_gap
+            grid = torch.linspace(0, min_gap, n, dtype=torch.float64) - 2
         elif i == 1:
             grid = torch.linspace(0, min_gap - 1 / 64, n, dtype=torch.float64) + 2 + 1 / 512  # best ≥ min_gap
         elif i == 2:
@@ -72,7 +72,7 @@ def _run_pairs(fn: Callable, prompt_rows, samples, scores, min_gap):
         return torch.tensor([[texts.get(r[f], -1) for f in ("prompt", "chosen", "rejected")] for r in out],
                             dtype=torch.long).reshape(-1, 3)
     except (TypeError, KeyError) as e:
-        raise AssertionError(f"✗ best_vs_worst: return a list of rows (dicts with prompt, chosen and rejected); "
+        raise GradingError(f"✗ best_vs_worst: return a list of rows (dicts with prompt, chosen and rejected); "
                              f"got {type(out).__name__} ({e!r})") from None
 
 

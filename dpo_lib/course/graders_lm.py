@@ -15,6 +15,7 @@ import torch
 
 from dpo_lib.course.grading_engine import (
     Grader,
+    GradingError,
     HarnessGrader,
     Mistake,
     _Case,

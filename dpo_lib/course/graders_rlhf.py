@@ -67,8 +67,9 @@ REWARD_MODEL_MISTAKES = [
             lambda c, r: (-F.logsigmoid(c - r).sum(), _strict_accuracy(c, r))),
     Mistake("you returned one loss per pair: return their mean, a scalar.",
             lambda c, r: (-F.logsigmoid(c - r), _strict_accuracy(c, r))),
-    Mistake("torch.log(torch.sigmoid(...)) underflows: σ(-120) is 0 in float32 and its log is -inf. Use "
-            "F.logsigmoid, which stays finite.", lambda c, r: (-torch.log(torch.sigmoid(c - r)).mean(),
+    Mistake("the loss is inf on the pair whose margin is -120: in float32 σ(-120) is 0, so torch.log(torch.sigmoid(z)) "
+            "is -inf, and exp(120) is inf, so torch.log1p(torch.exp(-z)) is inf too. Use F.logsigmoid(z) (or "
+            "-F.softplus(-z)), which stays finite.", lambda c, r: (-torch.log(torch.sigmoid(c - r)).mean(),
                                                                _strict_accuracy(c, r))),
     Mistake("Bradley–Terry models the difference r_w - r_l, not two separate classifications of r_w and r_l.",
             lambda c, r: (-(F.logsigmoid(c) + F.logsigmoid(-r)).mean(), _strict_accuracy(c, r))),

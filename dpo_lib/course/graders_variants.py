@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dpo_lib.course.failures import clean_accuracy, flip_labels
-from dpo_lib.course.grading_engine import Grader, HarnessGrader, Mistake
+from dpo_lib.course.grading_engine import Grader, GradingError, HarnessGrader, Mistake
 from dpo_lib.losses import dpo_loss
 
 __all__ = [
@@ -189,7 +189,7 @@ def _run_flip(fn: Callable, rows, flip):
         ids = torch.tensor([[texts.get(r[f], -1) for f in ("prompt", "chosen", "rejected")] for r in out],
                            dtype=torch.long).reshape(-1, 3)
     except (TypeError, KeyError) as e:
-        raise AssertionError(f"✗ flip_labels: return a list of rows (dicts with prompt, chosen and rejected); "
+        raise GradingError(f"✗ flip_labels: return a list of rows (dicts with prompt, chosen and rejected); "
                              f"got {type(out).__name__} ({e!r})") from None
     return ids, float(rows == before)
 

@@ -9,14 +9,29 @@ an optimizer built from the case), for the graders of lessons 02 and 03 (:mod:`d
 from __future__ import annotations
 
 import copy
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["BETAS", "Grader", "HarnessGrader", "Mistake", "probe_weights"]
+__all__ = ["BETAS", "Grader", "GradingError", "HarnessGrader", "Mistake", "probe_weights"]
 
 BETAS = (0.1, 0.5, 0.05, 0.3, 2.0, 0.2)  # never 1: a missing β must change the result
+
+
+class GradingError(AssertionError):
+    """A grader's verdict on the learner's function: the message names the likely mistake.
+
+    It is an ``AssertionError`` (nbval and pytest treat it as a failed check), and it renders itself:
+    IPython calls :meth:`_render_traceback_` instead of printing a traceback, so JupyterLab, Colab and
+    nbval show the learner the message alone, without the frames of the grading library.
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return ["\x1b[0;31m" + line + "\x1b[0m" if i == 0 else line
+                for i, line in enumerate(str(self).splitlines() or [type(self).__name__])]
 
 
 @dataclass
@@ -68,12 +83,12 @@ class Grader:
                for c in range(len(self.names))}
         bad = {c: ks for c, ks in bad.items() if ks}
         if bad:
-            raise AssertionError(self._explain(got, want, bad))
+            raise GradingError(self._explain(got, want, bad))
         for args, out in zip(self.cases, got):
             for check in self.checks:
                 hint = check(args, out)
                 if hint:
-                    raise AssertionError(f"✗ {self.name}: the values are right, but {hint}")
+                    raise GradingError(f"✗ {self.name}: the values are right, but {hint}")
         print(f"✓ {self.name}: {self.n_cases}/{self.n_cases} cases match")
 
     def _outputs(self, fn: Callable, args: tuple) -> tuple:
@@ -82,9 +97,9 @@ class Grader:
         if len(self.outputs) == 1:
             out = (out,)
         elif not isinstance(out, (tuple, list)) or len(out) != len(self.outputs):
-            raise AssertionError(f"✗ {self.name}: return a tuple ({', '.join(self.outputs)}), got {_describe(out)}")
+            raise GradingError(f"✗ {self.name}: return a tuple ({', '.join(self.outputs)}), got {_describe(out)}")
         if any(o is None for o in out):
-            raise AssertionError(f"✗ {self.name}: your function returned None — did you forget `return`?")
+            raise GradingError(f"✗ {self.name}: your function returned None — did you forget `return`?")
         grads = [_gradient(out[list(self.outputs).index(o)], args[list(self.arg_names).index(a)])
                  for o, a in self.grads]
         return tuple(out) + tuple(grads)
@@ -165,7 +180,7 @@ def _index(flat: int, like: Any) -> str:
 def _as_tensor(x: Any) -> torch.Tensor | None:
     if isinstance(x, torch.Tensor):
         return x.detach().to(torch.float64)
-    if isinstance(x, (int, float, bool)):
+    if isinstance(x, (numbers.Real, np.bool_)):  # Python and numpy numbers (np.int64, np.float32, ...)
         return torch.tensor(float(x), dtype=torch.float64)
     return None
 
