@@ -1,34 +1,40 @@
 """dpo_lib: a small, tested Direct Preference Optimization library for the DPO course.
 
-The DPO core is flat at the top: ``losses`` (the objectives), ``logprobs`` (sequence
-log-probabilities), ``data`` (schema, chat template, truncation, collation), ``hub_datasets``
-(hub datasets into that schema), ``models`` (the embedded default model), ``precision``,
-``reference`` (the frozen reference and its cache), ``config`` (every setting and its default),
-``trainer`` (the step loop) with ``checkpoints`` and ``logger``, ``sampling``, ``evaluation``,
-``rewards``, ``lora``, ``plots``, ``job`` (the main job) and ``cli`` (``python -m dpo_lib``).
+The DPO core is flat at the top: ``losses`` (the objectives and their registry), ``logprobs``
+(sequence log-probabilities), ``data`` (reading and validating preference files), ``features``
+(tokenized pairs, the chat template, batches), ``hub_datasets`` (hub datasets into the course
+schema), ``models`` (the embedded default model), ``precision``, ``reference`` (the frozen
+reference and its cache), ``settings`` and ``config`` (every setting, its default and its check),
+``trainer`` (the step loop) with ``distributed``, ``checkpoints`` and ``logger``, ``sampling``,
+``evaluation``, ``rewards``, ``capability`` (the alignment tax), ``lora``, ``plots`` and ``cli``
+(``python -m dpo_lib``).
 
-The other readers' code is in subpackages: ``dpo_lib.rlhf`` (the reward model and PPO of
-lesson 04), ``dpo_lib.course`` (the bandit, the token-mask view, the graders and the exercise
-generator) and ``dpo_lib.tools`` (the TRL bench, FLOPs, memory, the VRAM planner).
+Whole runs are recipes (``dpo_lib.recipes``: the main job ``train`` and ``iterate``, on the run
+layer ``run``). The other readers' code is in subpackages: ``dpo_lib.rlhf`` (the reward model and
+PPO of lesson 04), ``dpo_lib.course`` (the bandit, the token-mask view, the graders and the exercise
+generator) and ``dpo_lib.tools`` (the TRL bench, FLOPs, memory, the VRAM planner, the run doctor).
 
-The names below are imported on first use, so ``python -m dpo_lib`` checks its flags before
-torch is loaded.
+Each module lists its public names in ``__all__``, and each name has one home. The names below are
+the most used ones, each from its home module; they are imported on first use, so
+``python -m dpo_lib`` checks its flags before torch is loaded.
 """
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "dpo_loss": "losses", "LOSS_TYPES": "losses",
-    "sequence_logprobs": "logprobs", "concatenated_forward": "logprobs",
-    "load_preferences": "data", "tokenize_rows": "data", "collate": "data", "DataError": "data",
-    "load_model": "models", "load_tokenizer": "models",
-    "TrainConfig": "config", "JobConfig": "config",
-    "DPOTrainer": "trainer",
-    "FrozenReference": "reference", "AdapterDisabledReference": "reference",
-    "precompute_reference_logps": "reference",
-    "implicit_reward_accuracy": "evaluation",
-    "generate": "sampling",
+# home module -> the names dpo_lib re-exports from its __all__ (tests/test_api.py checks both)
+_FROM = {
+    "losses": ("dpo_loss", "LOSS_TYPES", "LOSSES"),
+    "logprobs": ("sequence_logprobs", "concatenated_forward"),
+    "data": ("load_preferences", "DataError"),
+    "features": ("tokenize_rows", "collate"),
+    "models": ("load_model", "load_tokenizer"),
+    "config": ("TrainConfig", "JobConfig"),
+    "trainer": ("DPOTrainer",),
+    "reference": ("FrozenReference", "AdapterDisabledReference", "precompute_reference_logps"),
+    "evaluation": ("implicit_reward_accuracy",),
+    "sampling": ("generate",),
 }
+_EXPORTS = {name: module for module, names in _FROM.items() for name in names}
 __all__ = sorted(_EXPORTS)
 
 

@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
+__all__ = ["atomic_write_text", "latest_checkpoint", "load", "read_checkpoint", "resume", "save", "trainer_state",
+           "write_checkpoint"]
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a flushed temporary file and a rename."""
@@ -80,3 +83,34 @@ def read_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def save(trainer) -> Path:
+    """Write ``trainer``'s checkpoint under ``OUT/checkpoints`` (main process only; the others wait)."""
+    b = trainer.backend
+    b.check_checkpoints()
+    final = trainer.out / "checkpoints" / f"step-{trainer.step:06d}"
+    if b.is_main:
+        state = trainer_state(trainer.step, trainer.num_tokens, trainer.config, trainer.history)
+        final = write_checkpoint(final.parent, b.unwrap(trainer.model), trainer.optimizer, trainer.scheduler, state,
+                                 trainer.config.keep_checkpoints)
+    b.wait()
+    return final
+
+
+def load(trainer, path: Path) -> None:
+    """Load the checkpoint ``path`` into ``trainer`` (weights, optimizer, schedule, RNG, step, history) and drop
+    the lines of ``OUT/metrics.jsonl`` logged after it."""
+    from dpo_lib.logger import MetricsLogger  # here, not at the top: the logger imports this module
+    meta = read_checkpoint(path, trainer.backend.unwrap(trainer.model), trainer.optimizer, trainer.scheduler)
+    trainer.step, trainer.num_tokens, trainer.history = meta["step"], meta["num_tokens"], meta["history"]
+    if trainer.out and trainer.backend.is_main:
+        MetricsLogger.truncate(trainer.out, trainer.step)
+
+
+def resume(trainer) -> None:
+    """Continue ``trainer`` from the last checkpoint in its output folder (none: say so, start at step 0)."""
+    if (last := latest_checkpoint(trainer.out)) is None:
+        return print(f"[dpo_lib] --resume: no checkpoint in {trainer.out}, starting from step 0")
+    trainer.load_checkpoint(last)
+    print(f"[dpo_lib] resumed from {last} (step {trainer.step}/{trainer.total_steps})")

@@ -1,135 +1,75 @@
-"""The settings of a DPO run, in one place: their defaults, their help and their allowed values.
+"""The settings of every command, in one place: their defaults, their help and their allowed values.
 
 :class:`TrainConfig` holds what the optimisation depends on (the loss, β, the optimizer, the
 batches); :class:`JobConfig` what the main job adds around it (the model, the data, the
 evaluation); :class:`IterateConfig` what ``python -m dpo_lib iterate`` adds (the rounds of iterative
-on-policy DPO). Each field carries its help text and its check in ``metadata``, and
-``python -m dpo_lib train`` builds its flags from these fields (:func:`add_arguments`), so a
-default, its ``--help`` line and ``TrainConfig()`` cannot disagree. The defaults are the main
-job's: the embedded SmolLM2-135M-Instruct on the bundled sentiment pairs, on a CPU.
-
-Every check runs when a config is made (``__post_init__``): a bad value raises
-:class:`ConfigError` naming the field, before any model is loaded. This module imports no torch,
-so the command line rejects a bad flag in a fraction of a second; the names of the losses and
-precisions live here for that reason (:data:`dpo_lib.losses.LOSS_TYPES`, ``REFERENCE_FREE_LOSSES``,
-``LENGTH_LOSSES`` and :data:`dpo_lib.precision.PRECISIONS` are these tuples).
+on-policy DPO); :class:`PairsConfig` and :class:`LengthsConfig` the sampling commands (both built on
+:class:`SamplingConfig`); :class:`ValidateConfig` the data check. Fields are made by
+:func:`dpo_lib.settings.setting` and checked when a config is made, so a bad value raises
+:class:`dpo_lib.settings.ConfigError` naming the field before any model is loaded; the command line
+builds its flags from the same fields. Each loss's own knobs (``simpo_gamma``, ``dpop_lambda``,
+``rdpo_alpha``) are ``TrainConfig`` fields read from the loss registry (:data:`dpo_lib.losses.LOSSES`).
+The defaults are the main job's: the embedded SmolLM2-135M-Instruct on the bundled sentiment pairs,
+on a CPU. This module imports no torch.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+
+from dpo_lib.losses import LOSS_TYPES, LOSSES
+from dpo_lib.settings import (
+    Checked,
+    ConfigError,
+    at_least,
+    in_range,
+    input_file,
+    optional,
+    output_file,
+    positive,
+    readable_file,
+    setting,
+    writable_folder,
+)
+
+__all__ = ["DEFAULT_TEST", "DEFAULT_TEST_PROMPTS", "DEFAULT_TRAIN", "JUDGES", "PRECISIONS", "REFERENCE_MODES",
+           "REPO_DATA", "SCHEDULES", "IterateConfig", "JobConfig", "LengthsConfig", "ModelConfig", "PairsConfig",
+           "SamplingConfig", "TrainConfig", "ValidateConfig", "BenchConfig"]
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_TRAIN = REPO_DATA / "sentiment" / "train.jsonl"
 DEFAULT_TEST = REPO_DATA / "sentiment" / "test.jsonl"
 DEFAULT_TEST_PROMPTS = REPO_DATA / "sentiment" / "prompts_test.jsonl"
 SCHEDULES = ("cosine", "linear", "constant")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "dpop", "rdpo", "simpo", "orpo")  # dpo_lib.losses.dpo_loss
-REFERENCE_FREE_LOSSES = ("simpo", "orpo")          # no reference log-probs: the trainer skips the reference
-LENGTH_LOSSES = ("simpo", "orpo", "rdpo")          # also take the completion token counts |y_w|, |y_l|
 PRECISIONS = ("auto", "fp32", "bf16")                # dpo_lib.precision
+JUDGES = ("sentiment",)            # judges available offline by name (dpo_lib.rewards.REWARDS); others via the API
+REFERENCE_MODES = ("initial", "previous")
 
 
-class ConfigError(ValueError):
-    """A setting out of its range; ``name`` is the field (the flag is ``--name`` with dashes)."""
-
-    def __init__(self, name: str, message: str):
-        super().__init__(f"{name}: {message}")
-        self.name, self.message = name, message
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-
-# ---------------------------------------------------------------- checks: value -> problem or None
-
-def positive(v) -> str | None:
-    return None if v > 0 else f"must be > 0 (got {v})"
-
-
-def at_least(lo) -> Callable:
-    return lambda v: None if v >= lo else f"must be >= {lo} (got {v})"
-
-
-def in_range(lo, hi, hi_open: bool = True) -> Callable:
-    def check(v):
-        ok = lo <= v < hi if hi_open else lo <= v <= hi
-        return None if ok else f"must be in [{lo}, {hi}{')' if hi_open else ']'} (got {v})"
-    return check
-
-
-def one_of(choices) -> Callable:
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)} (got {v!r})"
-
-
-def optional(check: Callable) -> Callable:
-    return lambda v: None if v is None else check(v)
-
-
-def readable_file(v) -> str | None:
-    p = Path(v)
-    if not p.exists():
-        return f"no such file: {p}"
-    if not p.is_file():
-        return f"not a file (a folder?): {p}"
-    return None if os.access(p, os.R_OK) else f"cannot read {p}"
-
-
-def writable_folder(v) -> str | None:
-    p = Path(v)
-    if p.exists() and not p.is_dir():
-        return f"exists and is not a folder: {p}"
-    parent = next((q for q in [p, *p.parents] if q.exists()), Path("."))
-    return None if os.access(parent, os.W_OK) else f"cannot write in {parent}"
-
-
-def setting(default: Any, help: str, check: Callable | None = None, choices=None, cli: bool = True):
-    """A config field with its ``--help`` text, its check and (for strings) its choices."""
-    if choices is not None and check is None:
-        check = one_of(choices)
-    return field(default=default, metadata={"help": help, "check": check, "choices": choices, "cli": cli})
-
-
-class _Checked:
-    def __post_init__(self):
-        for f in fields(self):
-            check = f.metadata.get("check")
-            problem = check(getattr(self, f.name)) if check else None
-            if problem:
-                raise ConfigError(f.name, problem)
-        self.check_combinations()
-
-    def check_combinations(self) -> None:
-        pass
-
+def with_loss_params(cls):
+    """Class decorator: one field per loss parameter of the registry (``simpo_gamma``, ``dpop_lambda``,
+    ``rdpo_alpha`` …), with the default, help and check its loss declares; added before ``@dataclass``
+    reads the class, after the fields written in the class body."""
+    for loss in LOSSES.values():
+        for name, p in loss.params.items():
+            cls.__annotations__[name] = "float"
+            setattr(cls, name, setting(p.default, p.help, p.check))
+    return cls
 
 @dataclass
-class TrainConfig(_Checked):
+@with_loss_params
+class TrainConfig(Checked):
     """Settings of :class:`dpo_lib.trainer.DPOTrainer`. Defaults: the main job (62 steps of 8 pairs)."""
 
     beta: float = setting(0.1, "KL strength β: higher keeps the policy closer to the reference (simpo: the reward "
                           "scale, its authors train with 2-10; orpo: the weight λ of the odds-ratio term, as TRL's)",
                           positive)
-    loss_type: str = setting("sigmoid", "sigmoid (DPO), ipo, hinge, robust, dpop or rdpo; simpo and orpo need no "
-                             "reference (see dpo_lib.losses)", choices=LOSS_TYPES)
+    loss_type: str = setting("sigmoid", ", ".join(f"{k}: {v.help}" for k, v in LOSSES.items()), choices=LOSS_TYPES)
     label_smoothing: float = setting(0.0, "ε > 0: conservative DPO (sigmoid, dpop, rdpo, simpo) or robust DPO "
                                      "(robust); not for orpo", in_range(0.0, 0.5))
     nll_weight: float = setting(0.0, "α > 0: DPO + α·NLL of the chosen response (not for orpo, which has its own)",
                                 at_least(0.0))
-    # 0.5: TRL's CPOConfig.simpo_gamma
-    simpo_gamma: float = setting(0.5, "simpo: target reward margin γ between the chosen and rejected "
-                                 "β·mean log-probs", at_least(0.0))
-    # 50: the λ of the Smaug runs as public DPOP code quotes it (the paper's value, not re-checked here)
-    dpop_lambda: float = setting(50.0, "dpop: weight λ of the penalty max(0, log π_ref(y_w) − log π(y_w)) "
-                                 "inside the sigmoid", at_least(0.0))
-    # 0.05: a starting value for ~10-40-token answers, not the paper's (R-DPO tunes α per dataset)
-    rdpo_alpha: float = setting(0.05, "rdpo: α per token of the length gap |y_w| − |y_l| added to the logit "
-                                "(0: plain DPO)", at_least(0.0))
     # 1e-5: DPO starts from a good model and wants ~10x less than SFT; 2 epochs reach ~0.75 held-out accuracy
     learning_rate: float = setting(1e-5, "peak learning rate of AdamW", positive)
     batch_size: int = setting(8, "pairs per optimizer step", at_least(1))
@@ -154,20 +94,31 @@ class TrainConfig(_Checked):
     def check_combinations(self) -> None:
         if self.batch_size % self.grad_accum:
             raise ConfigError("grad_accum", f"must divide --batch-size {self.batch_size} (got {self.grad_accum})")
-        if self.loss_type == "orpo" and self.nll_weight:
-            raise ConfigError("nll_weight", f"must be 0 with --loss-type orpo, whose loss holds the NLL already "
-                              f"(got {self.nll_weight})")
-        if self.loss_type == "orpo" and self.label_smoothing:
-            raise ConfigError("label_smoothing", f"does not apply to --loss-type orpo (got {self.label_smoothing})")
+        loss = LOSSES[self.loss_type]
+        if loss.holds_nll and self.nll_weight:
+            raise ConfigError("nll_weight", f"must be 0 with --loss-type {self.loss_type}, whose loss holds the NLL "
+                              f"already (got {self.nll_weight})")
+        if not loss.smoothing and self.label_smoothing:
+            raise ConfigError("label_smoothing", f"does not apply to --loss-type {self.loss_type} "
+                              f"(got {self.label_smoothing})")
 
 
 @dataclass
-class JobConfig(_Checked):
-    """What ``python -m dpo_lib train`` adds around the trainer: model, data, evaluation, output."""
+class ModelConfig(Checked):
+    """The model flags every command that loads a model shares."""
 
     model: str | None = setting(None, "a folder with config.json + *.safetensors, or a hub id (online); "
                                 "default: the embedded SmolLM2-135M-Instruct")
-    dataset: Path = setting(DEFAULT_TRAIN, "training pairs, JSONL", readable_file)
+    trust_remote_code: bool = setting(False, "allow model code from the hub (off unless you ask)")
+    threads: int | None = setting(None, "torch CPU threads (default: all cores)", optional(at_least(1)))
+
+
+@dataclass
+class JobConfig(ModelConfig):
+    """What ``python -m dpo_lib train`` adds around the trainer: model, data, evaluation, output."""
+
+    dataset: Path = setting(DEFAULT_TRAIN, "training pairs, JSONL, or a hub dataset the converters know "
+                            "(online: hh-rlhf, ultrafeedback, ultrafeedback-argilla, helpsteer3)", input_file)
     eval_dataset: Path | None = setting(DEFAULT_TEST, "held-out pairs, JSONL", optional(readable_file))
     reward: str | None = setting("sentiment", "ground-truth reward of sampled answers ('none' to skip)")
     out: Path | None = setting(None, "output folder (default: runs/dpo-TIMESTAMP)", optional(writable_folder))
@@ -182,8 +133,6 @@ class JobConfig(_Checked):
     skip_invalid: bool = setting(False, "drop bad rows (and say how many) instead of stopping")
     resume: bool = setting(False, "continue from the last checkpoint in --out")
     force_resume: bool = setting(False, "with --resume: continue even if settings differ from the run card")
-    trust_remote_code: bool = setting(False, "allow model code from the hub (off unless you ask)")
-    threads: int | None = setting(None, "torch CPU threads (default: all cores)", optional(at_least(1)))
 
     def check_combinations(self) -> None:
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
@@ -193,14 +142,10 @@ class JobConfig(_Checked):
             raise ConfigError("resume", "needs the --out folder of the run to continue")
 
 
-JUDGES = ("sentiment",)            # judges available offline by name (dpo_lib.rewards.REWARDS); others via the API
-REFERENCE_MODES = ("initial", "previous")
-
-
 @dataclass
-class IterateConfig(_Checked):
+class IterateConfig(Checked):
     """What ``python -m dpo_lib iterate`` adds to the training settings: the rounds of iterative
-    on-policy DPO (:func:`dpo_lib.iterate.iterate`)."""
+    on-policy DPO (:func:`dpo_lib.recipes.iterate.iterate`)."""
 
     prompts: Path | None = setting(None, "training prompts, JSONL with a 'prompt' per line (required)",
                                    optional(readable_file))
@@ -219,42 +164,95 @@ class IterateConfig(_Checked):
             raise ConfigError("prompts", "is required: a JSONL file with a 'prompt' per line (got nothing)")
 
 
-# ---------------------------------------------------------------- the command line, built from the fields
+@dataclass
+class SamplingConfig(Checked):
+    """How answers are sampled (:func:`dpo_lib.sampling.generate`): shared by ``pairs`` and ``lengths``;
+    ``iterate`` samples with the same defaults under its own names (``--samples-per-prompt``,
+    ``--sample-max-new-tokens``, ``--temperature``)."""
 
-def _arg_type(annotation: str):
-    """The argparse type of a field from its annotation (a string: ``from __future__ import annotations``)."""
-    for name, kind in (("Path", Path), ("float", float), ("int", int)):
-        if name in annotation:
-            return kind
-    return str
+    num_samples: int = setting(4, "answers sampled per prompt", at_least(1), flag="-n/--num-samples")
+    max_new_tokens: int = setting(40, "the longest answer sampled, in tokens", at_least(1))
+    temperature: float = setting(1.0, "sampling temperature (0: greedy)", at_least(0.0))
+    top_p: float = setting(1.0, "nucleus sampling; 1: the full distribution", in_range(0.0, 1.0, hi_open=False))
+    batch_size: int = setting(32, "prompts per generation batch", at_least(1))
+    seed: int = setting(0, "sampling seed", at_least(0))
 
-
-def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per field of ``cls``; argparse defaults are left unset (``SUPPRESS``) so that
-    :func:`from_args` takes every default from the dataclass itself."""
-    for f in fields(cls):
-        if not f.metadata.get("cli", True) or f.name in skip:
-            continue
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
-        shown = f.default if not isinstance(f.default, Path) else _short(f.default)
-        help_text = f"{meta['help']} (default: {shown})"
-        if isinstance(f.default, bool):  # off by default: --flag; on by default: --flag / --no-flag
-            action = argparse.BooleanOptionalAction if f.default else "store_true"
-            parser.add_argument(flag, action=action, default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(flag, type=_arg_type(str(f.type)), choices=meta.get("choices"),
-                                default=argparse.SUPPRESS, help=help_text, metavar=None if meta.get("choices")
-                                else f.name.upper())
+    def check_combinations(self) -> None:
+        if self.top_p == 0:
+            raise ConfigError("top_p", "must be > 0")
 
 
-def _short(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+@dataclass
+class PairsConfig(ModelConfig, SamplingConfig):
+    """``python -m dpo_lib pairs``: sample answers per prompt, score them, keep best vs worst."""
+
+    prompts: Path | None = setting(None, "JSONL with a 'prompt' per line (required)", optional(readable_file))
+    out: Path | None = setting(None, "output JSONL of pairs (required)", optional(output_file))
+    reward: str = setting("sentiment", "what scores the answers", choices=JUDGES)
+    min_gap: float = setting(0.05, "skip prompts whose best and worst differ less", at_least(0.0))
+
+    def check_combinations(self) -> None:
+        super().check_combinations()
+        for name in ("prompts", "out"):
+            if getattr(self, name) is None:
+                raise ConfigError(name, "is required (got nothing)")
+        if self.num_samples < 2:
+            raise ConfigError("num_samples", f"must be >= 2 to compare answers (got {self.num_samples})")
+        if self.temperature <= 0:
+            raise ConfigError("temperature", f"must be > 0: greedy answers to one prompt are all the same "
+                              f"(got {self.temperature})")
+        if Path(self.out).resolve() == Path(self.prompts).resolve():
+            raise ConfigError("out", f"is the --prompts file {self.prompts}: writing would overwrite the prompts")
 
 
-def from_args(cls, args: argparse.Namespace, **overrides):
-    """``cls`` from the parsed flags: a flag the user gave wins, else the dataclass default."""
-    given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-    return cls(**{**given, **overrides})
+@dataclass
+class LengthsConfig(ModelConfig, SamplingConfig):
+    """``python -m dpo_lib lengths``: sample answers and report where they end."""
+
+    prompts: Path = setting(DEFAULT_TEST_PROMPTS, "JSONL with a 'prompt' per line", readable_file)
+    num_samples: int = setting(2, "answers sampled per prompt", at_least(1), flag="-n/--num-samples")
+    max_new_tokens: int = setting(512, "the longest answer sampled, in tokens", at_least(1))
+    system: str | None = setting(None, "a system message put before every (conversational) prompt, replacing the "
+                                 "prompt's own")
+    json: Path | None = setting(None, "also write the profile to this JSON file", optional(output_file))
+
+
+@dataclass
+class ValidateConfig(Checked):
+    """``python -m dpo_lib validate FILE…``: check preference files, name every bad row."""
+
+    skip_invalid: bool = setting(False, "report, keep the good rows, exit 0 if any remain")
+    max_length: int | None = setting(None, "also flag prompts too long for this many tokens", optional(at_least(2)))
+    model: str | None = setting(None, "tokenizer for --max-length (default: the embedded model)")
+
+
+@dataclass
+class BenchConfig(Checked):
+    """``python -m dpo_lib bench --vs trl``: dpo_lib's trainer against TRL's on the same work
+    (:mod:`dpo_lib.tools.bench`)."""
+
+    vs: str = setting("trl", "what to compare with", choices=("trl",))
+    json: Path | None = setting(None, "write the results to this JSON file", optional(output_file))
+    model: str | None = setting(None, "model folder (default: the embedded SmolLM2-135M-Instruct)")
+    dataset: Path | None = setting(None, "preference JSONL (default: data/sentiment/train.jsonl, else "
+                                   "data/assistant/train.jsonl)", optional(readable_file))
+    # the first step of each run is a warm-up, not timed
+    steps: int = setting(5, "optimizer steps per run (the first is not timed)", at_least(2))
+    batch_size: int = setting(4, "pairs per optimizer step", at_least(1))
+    micro_batch_size: int | None = setting(None, "dpo_lib pairs per forward (default: up to 4 on a CPU, the whole "
+                                           "batch on a GPU)", optional(at_least(1)))
+    max_length: int = setting(160, "tokens per prompt+response; longer pairs are skipped", at_least(2))
+    repeats: int = setting(2, "runs of each trainer, alternating", at_least(1))
+    learning_rate: float = setting(1e-5, "peak learning rate", positive)
+    beta: float = setting(0.1, "KL strength β", positive)
+    seed: int = setting(0, "seed", at_least(0))
+    threads: int | None = setting(None, "torch CPU threads per run (default: all cores)", optional(at_least(1)))
+    device: str = setting("cpu", "where both trainers run", choices=("cpu", "cuda"))
+    dtype: str = setting("fp32", "bf16: autocast, fp32 master weights", choices=("fp32", "bf16"))
+    peak_flops: float | None = setting(None, "peak FLOP/s for MFU (default: the GPU's data sheet, or a timed matmul "
+                                       "on the CPU)", optional(positive))
+
+    def check_combinations(self) -> None:
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ConfigError("micro_batch_size", f"must divide --batch-size {self.batch_size} "
+                              f"(got {self.micro_batch_size})")

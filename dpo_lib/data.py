@@ -19,11 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from dpo_lib.settings import UserError
+
+__all__ = ["DataError", "KEYS", "LoadReport", "ROLES", "data_hash", "is_conversational", "load_preferences",
+           "load_prompts", "read_records", "row_problems"]
+
 ROLES = ("system", "user", "assistant", "tool")
 KEYS = ("prompt", "chosen", "rejected")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Invalid preference data. ``problems`` holds one ``FILE:LINE: what`` string per bad row."""
 
     def __init__(self, problems: list[str], header: str | None = None):
@@ -61,19 +66,29 @@ def row_problems(row: Any) -> list[str]:
     missing = [k for k in KEYS if k not in row]
     if missing:
         return [f"missing key{'s' if len(missing) > 1 else ''} {', '.join(repr(k) for k in missing)}"]
-    if isinstance(row["prompt"], str):  # standard
-        problems = [f"'{k}' must be a string like 'prompt', got {type(row[k]).__name__}"
-                    for k in ("chosen", "rejected") if not isinstance(row[k], str)]
-        if problems:
-            return problems
-        if not row["prompt"].strip():
-            problems.append("empty prompt")
-        problems += [f"empty {k} response" for k in ("chosen", "rejected") if not row[k].strip()]
-        if row["chosen"] == row["rejected"]:
-            problems.append("chosen is identical to rejected")
-        return problems
+    if isinstance(row["prompt"], str):
+        return _standard_problems(row)
     if not isinstance(row["prompt"], list):
         return [f"'prompt' must be a string or a list of messages, got {type(row['prompt']).__name__}"]
+    return _conversational_problems(row)
+
+
+def _standard_problems(row: dict) -> list[str]:
+    """A standard row: three strings, none empty, chosen and rejected different."""
+    problems = [f"'{k}' must be a string like 'prompt', got {type(row[k]).__name__}"
+                for k in ("chosen", "rejected") if not isinstance(row[k], str)]
+    if problems:
+        return problems
+    if not row["prompt"].strip():
+        problems.append("empty prompt")
+    problems += [f"empty {k} response" for k in ("chosen", "rejected") if not row[k].strip()]
+    if row["chosen"] == row["rejected"]:
+        problems.append("chosen is identical to rejected")
+    return problems
+
+
+def _conversational_problems(row: dict) -> list[str]:
+    """A conversational row: message lists, the prompt ending on a user (or tool) turn, one assistant reply each."""
     problems = [p for k in KEYS for p in _message_problems(row[k], k)]
     if problems:
         return problems

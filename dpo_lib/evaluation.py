@@ -31,6 +31,9 @@ from dpo_lib.features import batch_to, collate, collate_sequences, length_sorted
 from dpo_lib.logprobs import concatenated_forward
 from dpo_lib.precision import autocast
 
+__all__ = ["HeldoutEval", "STANDARD_CAPS", "cap_for", "completion_logps", "ended_by", "ending_profile",
+           "implicit_reward_accuracy", "mean_and_se", "sequence_kl", "side_by_side", "win_rate"]
+
 
 def mean_and_se(values: list[float]) -> tuple[float, float]:
     n = len(values)

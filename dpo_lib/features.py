@@ -23,6 +23,9 @@ import torch
 
 from dpo_lib.data import DataError, is_conversational
 
+__all__ = ["TokenizeStats", "batch_to", "collate", "collate_sequences", "common_prefix_length", "encode_prompt",
+           "length_sorted_batches", "pair_length", "token_ids_hash", "tokenize_pair", "tokenize_rows", "truncate_pair"]
+
 
 def token_ids_hash(features: Iterable[dict]) -> str:
     """A short SHA-256 of tokenized pairs' ``prompt_ids``, ``chosen_ids``, ``rejected_ids``: the key of

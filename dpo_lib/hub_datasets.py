@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 Message = dict[str, str]
@@ -54,6 +55,7 @@ __all__ = [
     "convert_hh_rlhf",
     "convert_helpsteer3",
     "convert_ultrafeedback",
+    "is_hub_dataset",
     "load_hub_preferences",
     "parse_hh_transcript",
 ]
@@ -315,6 +317,11 @@ HUB_DATASETS: dict[str, HubDataset] = {
                              {"train": "train", "test": "validation", "validation": "validation"}),
 }
 _BY_PATH = {spec.path.lower(): key for key, spec in HUB_DATASETS.items()}
+
+
+def is_hub_dataset(name: str) -> bool:
+    """Whether ``name`` is a key of :data:`HUB_DATASETS` or the hub id of one (and not a local file)."""
+    return (name in HUB_DATASETS or name.lower() in _BY_PATH) and not Path(name).exists()
 
 
 def load_hub_preferences(name: str, split: str = "train", limit: int | None = None,

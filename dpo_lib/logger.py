@@ -17,6 +17,8 @@ from tqdm.auto import tqdm
 
 from dpo_lib.checkpoints import atomic_write_text
 
+__all__ = ["MetricsLogger", "PACKAGES", "format_table", "package_versions", "table_rows"]
+
 PACKAGES = ("dpo_lib", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "safetensors", "gguf",
             "vaderSentiment")
 
@@ -35,7 +37,8 @@ def package_versions(packages=PACKAGES) -> dict:
 def format_table(title: str, metrics: dict) -> str:
     """The boxed metric table printed during training (the tinker guide's layout)."""
     rows = [(k, f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
-    w1, w2 = max(len(k) for k, _ in rows), max(len(v) for _, v in rows)
+    w1 = max(len("metric"), *(len(k) for k, _ in rows))  # the header fits too
+    w2 = max(len("value"), *(len(v) for _, v in rows))
     line = f"+{'-' * (w1 + 2)}+{'-' * (w2 + 2)}+"
     body = [f"| {k:<{w1}} | {v:<{w2}} |" for k, v in rows]
     return "\n".join([title.center(len(line)), line, f"| {'metric':<{w1}} | {'value':<{w2}} |", line, *body, line])

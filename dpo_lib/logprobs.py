@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["concatenated_forward", "linear_token_logprobs", "sequence_logprobs", "token_logprobs"]
+
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``log softmax(logits)[..., labels]`` for ``logits [B, T, V]`` and ``labels [B, T]``.

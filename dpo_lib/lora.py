@@ -157,4 +157,4 @@ def merged_copy(peft_model) -> torch.nn.Module:
 
 
 __all__ = ["ALL_LINEAR", "LINEAR_MODULES", "QLoRAUnavailable", "check_qlora_available", "is_4bit", "load_4bit_model",
-           "make_lora_model", "merge_and_save", "merged_copy", "pick_dtype", "trainable_parameters"]
+           "make_lora_model", "merge_and_save", "merged_copy", "trainable_parameters"]

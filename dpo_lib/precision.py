@@ -22,6 +22,8 @@ import torch
 
 from dpo_lib.config import PRECISIONS  # one list, shared with the command line
 
+__all__ = ["DTYPES", "autocast", "bf16_is_fast", "choose_precision", "pick_dtype", "resolve_precision"]
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

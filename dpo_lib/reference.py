@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from dpo_lib.features import collate, length_sorted_batches, token_ids_hash
 from dpo_lib.logprobs import concatenated_forward
 
+__all__ = ["AdapterDisabledReference", "FrozenReference", "model_fingerprint", "precompute_reference_logps"]
+
 
 class FrozenReference:
     """A frozen deep copy of ``model``; call it on a collated batch for ``(chosen, rejected)`` log-probs."""

@@ -20,6 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from dpo_lib.features import encode_prompt  # the chat template's home; notebooks import it from here
+from dpo_lib.settings import UserError
+
+__all__ = ["JudgeError", "best_vs_worst", "generate", "make_pairs", "score_samples"]
 
 
 @torch.no_grad()
@@ -60,7 +63,7 @@ def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 
     return out
 
 
-class JudgeError(ValueError):
+class JudgeError(UserError, ValueError):
     """The judge failed on a sample; ``prompt_index`` is that sample's prompt (``None``: no single sample)."""
 
     def __init__(self, message: str, prompt_index: int | None = None):

@@ -12,7 +12,7 @@ line per step to ``OUT/metrics.jsonl`` and prints the table; :mod:`dpo_lib.check
 and reads the resumable checkpoints. The settings and their defaults are
 :class:`dpo_lib.config.TrainConfig`.
 
-Speed (off by default; same maths, fewer FLOPs — see ``python -m dpo_lib bench``):
+Speed (on by default; same maths, fewer FLOPs — see ``python -m dpo_lib bench``):
 ``sort_by_length`` orders each step's pairs by length before cutting them into the
 ``grad_accum`` micro-batches, so each micro-batch is padded only to its own longest pair;
 ``compact_lm_head`` runs the LM head only on the positions that score a completion token.
@@ -22,19 +22,25 @@ Resuming from a checkpoint gives bitwise the weights of an uninterrupted run in 
 bf16 only up to rounding (CPU bf16 matmuls are not always bitwise the same from one process
 to the next).
 
-Several processes (``accelerate launch``, see ``configs/``): pass an ``accelerate.Accelerator``.
-The model and optimizer are prepared by it (DDP or FSDP), every process takes its share of
-each global batch of ``batch_size`` pairs (so a step is the same as on one process), the
-metrics are averaged over processes, and only the main process writes files.
+Several processes (``accelerate launch``, see ``configs/``): pass an ``accelerate.Accelerator``;
+the trainer talks to it through :mod:`dpo_lib.distributed` (one process or several, one interface).
+
+The first step's reference. Before the first update the policy *is* the reference, so at step 0
+the precomputed reference log-probs of the step's pairs are replaced by the policy's own, detached,
+taken in the same forward (:func:`reference_logps`): every implicit reward is exactly 0 and the
+loss exactly ln 2, whatever the rounding of the precomputed pass in another batch layout (a live
+reference model sees the training layout itself, and is asked as usual). Nothing is written into the
+caller's features. The trainer seeds no global generator: the data order comes from the step
+(:func:`step_indices`), and the caller seeds what else is random (the recipes do, in
+:mod:`dpo_lib.recipes.run`).
 """
 
 from __future__ import annotations
 
 import math
-import random
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,13 +49,17 @@ import torch
 from tqdm.auto import tqdm
 
 from dpo_lib import checkpoints
-from dpo_lib.config import TrainConfig  # noqa: F401 (re-exported: the trainer's settings)
+from dpo_lib.config import TrainConfig
+from dpo_lib.distributed import backend_for
 from dpo_lib.features import batch_to, collate, pair_length
 from dpo_lib.logger import MetricsLogger
 from dpo_lib.logprobs import concatenated_forward
-from dpo_lib.losses import chosen_nll, dpo_loss, needs_reference
+from dpo_lib.losses import LOSSES, chosen_nll, dpo_loss, loss_params, needs_reference
 from dpo_lib.precision import autocast, resolve_precision
 from dpo_lib.reference import FrozenReference
+
+__all__ = ["DPOTrainer", "NonFiniteError", "TrainingInterrupted", "batch_loss", "completion_lengths",
+           "deferred_sigint", "lr_factor", "make_optimizer", "parameter_groups", "reference_logps", "step_indices"]
 
 
 class NonFiniteError(RuntimeError):
@@ -125,44 +135,45 @@ def completion_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return batch["completion_mask"][:, 1:].sum(1).chunk(2)
 
 
-def batch_loss(model, batch: dict, c, reference=None, device="cpu",
+def reference_logps(batch: dict, chosen: torch.Tensor, rejected: torch.Tensor, reference=None,
+                    policy_is_reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's log-probs of a micro-batch, ``[B]`` each: the policy's own, detached, when the policy
+    is the reference (the first step: module docstring); else the batch's precomputed ones, else
+    ``reference(batch)`` (a frozen model under no_grad)."""
+    if policy_is_reference:
+        return chosen.detach(), rejected.detach()
+    if "ref_chosen_logps" in batch:
+        return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    return reference(batch)
+
+
+def batch_loss(model, batch: dict, c: TrainConfig, reference=None, device="cpu",
                policy_is_reference: bool = False) -> tuple[torch.Tensor, dict]:
-    """The DPO loss of one collated micro-batch (mean over its pairs) and its metrics, TRL's names.
+    """The step function: the loss of one collated micro-batch (mean over its pairs) and its metrics, TRL's names.
 
-    One forward of ``model`` over ``[chosen; rejected]`` (under ``c.precision``'s autocast); the
-    reference log-probs come from the batch (precomputed) or from ``reference(batch)`` (no_grad).
-    ``policy_is_reference`` (the first step, before any update): the policy's own log-probs,
-    detached, are the reference's, so every implicit reward is exactly 0 whatever the rounding;
-    they are written into ``batch["ref_chosen_logps"]`` / ``["ref_rejected_logps"]``.
-
-    Reference-free losses (``simpo``, ``orpo``: :data:`dpo_lib.losses.REFERENCE_FREE_LOSSES`) never
-    read the reference: ``reference`` is not called and precomputed reference log-probs are ignored
-    (``policy_is_reference`` too). Their ``rewards/*`` are β times the per-token mean log-prob, as
-    TRL's CPO and ORPO trainers log them; ``logps/*`` stay the summed log-probs, as for every loss.
-    For ``orpo``, ``nll`` is the NLL part of its loss (already inside ``loss``)."""
+    One forward of ``model`` over ``[chosen; rejected]`` (under ``c.precision``'s autocast), the reference
+    log-probs of :func:`reference_logps` (none for the reference-free losses: ``simpo``, ``orpo``, whose
+    ``rewards/*`` are β times the per-token mean log-prob, as TRL's CPO and ORPO trainers log them), the
+    loss ``c.loss_type`` of the registry (:mod:`dpo_lib.losses`) with its own parameters, and
+    ``c.nll_weight`` times the chosen reply's NLL. ``logps/*`` are the summed log-probs for every loss;
+    for ``orpo``, ``nll`` is the NLL part of its loss (already inside ``loss``)."""
     with autocast(c.precision, device):
         chosen, rejected = concatenated_forward(model, batch, compact_head=c.compact_lm_head)  # (B,), (B,)
     n_chosen, n_rejected = completion_lengths(batch)                               # (B,), (B,)
     ref_chosen = ref_rejected = None
     if needs_reference(c.loss_type):
-        if policy_is_reference:
-            batch["ref_chosen_logps"], batch["ref_rejected_logps"] = chosen.detach(), rejected.detach()
-        if "ref_chosen_logps" in batch:
-            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        else:
-            ref_chosen, ref_rejected = reference(batch)                            # no_grad inside
+        ref_chosen, ref_rejected = reference_logps(batch, chosen, rejected, reference, policy_is_reference)
     losses, r_chosen, r_rejected = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=c.beta,
                                             loss_type=c.loss_type, label_smoothing=c.label_smoothing,
                                             chosen_num_tokens=n_chosen, rejected_num_tokens=n_rejected,
-                                            simpo_gamma=c.simpo_gamma, dpop_lambda=c.dpop_lambda,
-                                            rdpo_alpha=c.rdpo_alpha)
+                                            **loss_params(c))
     loss = losses.mean()
     metrics = {"loss": loss.item()}
     if c.nll_weight:
         nll = chosen_nll(chosen, n_chosen).mean()
         loss = loss + c.nll_weight * nll
         metrics["nll"] = nll.item()
-    elif c.loss_type == "orpo":
+    elif LOSSES[c.loss_type].holds_nll:
         metrics["nll"] = chosen_nll(chosen.detach(), n_chosen).mean().item()
     metrics.update({
         "rewards/chosen": r_chosen.mean().item(),
@@ -184,79 +195,45 @@ def step_indices(step: int, n: int, steps_per_epoch: int, batch_size: int, seed:
     return order[k * batch_size:(k + 1) * batch_size].tolist()
 
 
-def all_reduce_metrics(acc, sums: dict, tokens: int, world: int, device) -> tuple[dict, int]:
-    """Equal shards: the global mean of each metric is the mean of the processes' means; tokens add up."""
-    keys = sorted(sums)
-    packed = acc.reduce(torch.tensor([sums[k] for k in keys] + [float(tokens)], dtype=torch.float64, device=device),
-                        reduction="sum").tolist()
-    return {k: v / world for k, v in zip(keys, packed)}, int(packed[-1])
-
-
-def clip_gradients(model, max_norm: float, acc=None) -> float:
-    """Clip the gradient norm to ``max_norm``; returns the norm before clipping."""
-    if acc is not None:  # all parameters: accelerate matches them against the model's (FSDP); no-grad ones skip
-        return float(acc.clip_grad_norm_(list(model.parameters()), max_norm))
-    return float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm))
-
-
 class DPOTrainer:
-    """Train ``model`` on tokenized ``features`` (see :func:`dpo_lib.features.tokenize_rows`).
+    """Train ``model`` on tokenized ``features`` (:func:`dpo_lib.features.tokenize_rows`).
 
-    ``reference`` is a callable batch -> (chosen, rejected) log-probs, e.g.
-    :class:`dpo_lib.reference.FrozenReference`; leave it ``None`` when every feature already
-    carries ``ref_chosen_logps`` / ``ref_rejected_logps`` (precomputed), or when the loss is
-    reference-free (``simpo``, ``orpo``), which never calls it.
-
-    ``policy_is_reference=False`` says that the precomputed reference log-probs are not the
-    starting policy's (e.g. round 2 of iterative DPO against the initial model): the first step
-    then keeps them instead of replacing them by the policy's own (see :meth:`_micro_batch_loss`).
-    """
+    ``reference``: a callable batch -> (chosen, rejected) log-probs (:class:`dpo_lib.reference.FrozenReference`),
+    or ``None`` when the features carry precomputed ``ref_chosen_logps`` / ``ref_rejected_logps`` or the loss
+    is reference-free. ``policy_is_reference=False``: the reference is not the starting policy (round 2 of
+    iterative DPO against the initial model), so the first step reads it like every other step."""
 
     def __init__(self, model, features: list[dict], config: TrainConfig, pad_token_id: int,
                  reference=None, out_dir: str | Path | None = None, accelerator=None,
                  policy_is_reference: bool = True):
-        self.world = accelerator.num_processes if accelerator is not None else 1
-        self.rank = accelerator.process_index if accelerator is not None else 0
-        if config.batch_size % (config.grad_accum * self.world):
+        self.backend = b = backend_for(model, accelerator)
+        if config.batch_size % (config.grad_accum * b.world):
             raise ValueError(f"batch_size={config.batch_size} is not divisible by grad_accum={config.grad_accum}"
-                             + (f" x {self.world} processes" if self.world > 1 else ""))
+                             + (f" x {b.world} processes" if b.world > 1 else ""))
         if reference is None and "ref_chosen_logps" not in features[0] and needs_reference(config.loss_type):
             raise ValueError("no reference: pass reference=... or precompute reference log-probs "
                              "(or train with a reference-free loss: simpo, orpo)")
-        self.model, self.features, self.config = model, features, config
-        self.pad_token_id, self.reference = pad_token_id, reference
-        self.policy_is_reference = policy_is_reference
-        self.out = Path(out_dir) if out_dir else None
-        self.accelerator = accelerator
-        self.is_main = accelerator is None or accelerator.is_main_process
-        if self.out and self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        if accelerator is not None:
-            self.model = model = accelerator.prepare_model(model)  # DDP/FSDP wrapper; prepared before the optimizer
-        self.device = accelerator.device if accelerator is not None else next(model.parameters()).device
-        # "auto" becomes fp32 or bf16 once here, not at every forward
-        self.config = config = replace(config, precision=resolve_precision(config.precision, self.device))
-        if isinstance(reference, FrozenReference):
-            reference.model.to(self.device)
         self.steps_per_epoch = len(features) // config.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(features)} pairs is fewer than one batch of {config.batch_size}")
+        self.model, self.features, self.reference = b.prepare_model(model), features, reference
+        self.pad_token_id, self.policy_is_reference = pad_token_id, policy_is_reference
+        self.device = b.device
+        # "auto" is resolved where a run is set up (dpo_lib.recipes.run); here only for direct callers
+        self.config = config = replace(config, precision=resolve_precision(config.precision, self.device))
+        self.out = Path(out_dir) if out_dir else None
+        if self.out and b.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if isinstance(reference, FrozenReference):
+            reference.model.to(self.device)
         self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
         self.warmup_steps = round(config.warmup_ratio * self.total_steps)
-        self.optimizer = make_optimizer(model, config, self.device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, config.schedule))
-        if accelerator is not None:  # the scheduler stays ours: one step per global batch, whatever the process count
-            self.optimizer = accelerator.prepare_optimizer(self.optimizer)
-        self.step = 0
-        self.num_tokens = 0
-        self.history: list[dict] = []
-        self.reference_overrides: dict[str, tuple[float, float]] = {}  # see _micro_batch_loss
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-        np.random.seed(config.seed)
-
-    # ------------------------------------------------------------------ data order
+        optimizer = make_optimizer(self.model, config, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # ours, not the backend's: one step per global batch
+            optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, config.schedule))
+        self.optimizer = b.prepare_optimizer(optimizer)
+        self.step, self.num_tokens, self.history = 0, 0, []
+        self._first_step = False  # True only inside the first train_step (compute_loss)
 
     def batch_indices(self, step: int) -> list[int]:
         """Pair indices of optimizer step ``step``: :func:`step_indices`."""
@@ -266,43 +243,35 @@ class DPOTrainer:
     def local_indices(self, step: int) -> list[int]:
         """This process's pairs of step ``step``: all of them on one process; with ``sort_by_length``,
         in increasing length (processes take every ``world``-th, which balances their lengths)."""
-        idx = self.batch_indices(step)
+        idx, b = self.batch_indices(step), self.backend
         if self.config.sort_by_length:
             idx = sorted(idx, key=lambda i: (pair_length(self.features[i]), i))
-            return idx[self.rank::self.world]
-        per = len(idx) // self.world
-        return idx[self.rank * per:(self.rank + 1) * per]
-
-    # ------------------------------------------------------------------ one step
+            return idx[b.rank::b.world]
+        per = len(idx) // b.world
+        return idx[b.rank * per:(b.rank + 1) * per]
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """Loss of one collated micro-batch and its metrics (TRL names): :func:`batch_loss`."""
-        return batch_loss(self.model, batch, self.config, self.reference, self.device)
-
-    def _micro_batch_loss(self, batch: dict, idx: list[int]) -> tuple[torch.Tensor, dict]:
-        """:meth:`compute_loss`; at step 0 with precomputed reference log-probs (one process), the
-        policy is the reference: its log-probs of these pairs, taken in the training batch layout,
-        replace the precomputed ones (they differed by rounding only, e.g. ~1e-4 nats under bf16,
-        where the padding differs), so the first step's rewards are exactly 0 and later epochs see
-        the same values. The replaced values go into checkpoints (exact resume)."""
-        first = (self.step == 0 and self.reference is None and self.world == 1 and self.policy_is_reference
-                 and needs_reference(self.config.loss_type))
-        if not first:
-            return self.compute_loss(batch)
-        loss, m = batch_loss(self.model, batch, self.config, self.reference, self.device, policy_is_reference=True)
-        for i, c, r in zip(idx, batch["ref_chosen_logps"].tolist(), batch["ref_rejected_logps"].tolist()):
-            self.features[i]["ref_chosen_logps"], self.features[i]["ref_rejected_logps"] = c, r
-            self.reference_overrides[str(i)] = (c, r)
-        return loss, m
+        """Loss of one collated micro-batch and its metrics (TRL names): :func:`batch_loss`; during the first
+        training step the policy's own log-probs are the reference's (module docstring)."""
+        return batch_loss(self.model, batch, self.config, self.reference, self.device,
+                          policy_is_reference=self._first_step)
 
     def train_step(self) -> dict:
         """One optimizer step: forward and backward over the step's micro-batches, clip, update, schedule."""
         t0 = time.perf_counter()
         self.model.train()
-        sums, tokens = self._accumulate(self.local_indices(self.step))
-        if self.world > 1:
-            sums, tokens = self._all_reduce(sums, tokens)
-        grad_norm = self._clip()
+        # the policy is the reference of its first step; a live reference model is asked as usual (it sees the
+        # same batch layout, and a wrong one must show: loss != ln 2 at step 1)
+        self._first_step = self.step == 0 and self.policy_is_reference and self.reference is None
+        try:
+            sums, tokens = self.backend.reduce(*self._accumulate(self.local_indices(self.step)))
+        finally:
+            self._first_step = False
+        if not math.isfinite(sums["loss"]):
+            self._stop(f"non-finite loss ({sums['loss']})")
+        grad_norm = self.backend.clip(self.model, self.config.max_grad_norm)
+        if not math.isfinite(grad_norm):
+            self._stop(f"non-finite gradient norm ({grad_norm})")  # before the update
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -310,65 +279,43 @@ class DPOTrainer:
         self.step += 1
         self.num_tokens += tokens
         dt = time.perf_counter() - t0
-        metrics = {"step": self.step, **sums, "num_tokens": self.num_tokens,
-                   "tokens_per_second": tokens / dt, "learning_rate": lr, "grad_norm": grad_norm,
-                   "epoch": self.step / self.steps_per_epoch, "step_seconds": dt}
+        metrics = {"step": self.step, **sums, "num_tokens": self.num_tokens, "tokens_per_second": tokens / dt,
+                   "learning_rate": lr, "grad_norm": grad_norm, "epoch": self.step / self.steps_per_epoch,
+                   "step_seconds": dt}
         self.history.append(metrics)
         return metrics
 
     def _accumulate(self, idx: list[int]) -> tuple[dict, int]:
         """Forward and backward of ``grad_accum`` equal micro-batches of the pairs ``idx``; returns
         the step's mean metrics and its token count (this process's)."""
-        c, acc = self.config, self.accelerator
-        micro = len(idx) // c.grad_accum
+        n, b = self.config.grad_accum, self.backend
+        micro = len(idx) // n
         sums: dict[str, float] = {}
         tokens = 0
-        for a in range(c.grad_accum):
-            batch = collate([self.features[i] for i in idx[a * micro:(a + 1) * micro]], self.pad_token_id)
-            batch = batch_to(batch, self.device)
+        for a in range(n):
+            batch = batch_to(collate([self.features[i] for i in idx[a * micro:(a + 1) * micro]], self.pad_token_id),
+                             self.device)
             tokens += int(batch["attention_mask"].sum())
-            last = a == c.grad_accum - 1  # DDP: all-reduce the gradients once, after the last micro-batch
-            with (acc.no_sync(self.model) if acc is not None and self.world > 1 and not last else nullcontext()):
-                with (acc.autocast() if acc is not None else nullcontext()):
-                    loss, m = self._micro_batch_loss(batch, idx[a * micro:(a + 1) * micro])
-                if self.world == 1 and not math.isfinite(m["loss"]):
-                    self._stop(f"non-finite loss ({m['loss']})")
-                scaled = loss / c.grad_accum  # equal micro-batches: the mean over the whole step
-                acc.backward(scaled) if acc is not None else scaled.backward()
+            with b.no_sync(self.model, last=a == n - 1), b.autocast():
+                loss, m = self.compute_loss(batch)
+                b.backward(loss / n)  # equal micro-batches: the mean over the whole step
             for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v / c.grad_accum
+                sums[k] = sums.get(k, 0.0) + v / n
         return sums, tokens
-
-    def _all_reduce(self, sums: dict, tokens: int) -> tuple[dict, int]:
-        sums, tokens = all_reduce_metrics(self.accelerator, sums, tokens, self.world, self.device)
-        if not math.isfinite(sums["loss"]):
-            self._stop(f"non-finite loss ({sums['loss']})")
-        return sums, tokens
-
-    def _clip(self) -> float:
-        grad_norm = clip_gradients(self.model, self.config.max_grad_norm, self.accelerator)
-        if not math.isfinite(grad_norm):
-            self._stop(f"non-finite gradient norm ({grad_norm})")  # before the update
-        return grad_norm
 
     def _stop(self, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         raise NonFiniteError(self.step + 1, what, self.latest_checkpoint())
 
-    # ------------------------------------------------------------------ loop
-
     def train(self, resume: bool = False, progress: bool = True, callbacks=()) -> list[dict]:
-        """Run until ``total_steps``. ``resume=True`` continues from the last checkpoint in ``out_dir``.
-        Each of ``callbacks`` is called as ``callback(trainer, metrics)`` after every step, before
-        its log line and its checkpoint: what it adds to ``metrics`` (e.g.
-        :class:`dpo_lib.evaluation.HeldoutEval`) is logged and saved with the step. Ctrl-C finishes
-        the step in progress, writes a checkpoint when ``save_every`` is set, and raises
-        :class:`TrainingInterrupted`."""
+        """Run until ``total_steps`` (``resume``: from the last checkpoint in ``out_dir``). ``callback(trainer,
+        metrics)`` runs after every step, before its log line and checkpoint, and may add metrics (HeldoutEval).
+        Ctrl-C finishes the step, saves a checkpoint when ``save_every`` is set, raises TrainingInterrupted."""
         if resume:
-            self._resume()
-        log = MetricsLogger(self.out, self.step, self.total_steps, self.config.batch_size, self.config.print_every,
-                            enabled=self.is_main)
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="DPO", disable=not (progress and self.is_main),
+            checkpoints.resume(self)
+        c, main = self.config, self.backend.is_main
+        log = MetricsLogger(self.out, self.step, self.total_steps, c.batch_size, c.print_every, enabled=main)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="DPO", disable=not (progress and main),
                    dynamic_ncols=True)
         try:
             with deferred_sigint() as sigint:
@@ -379,52 +326,22 @@ class DPOTrainer:
                     log.log(m)  # before the checkpoint, so metrics.jsonl always covers a checkpoint's steps
                     bar.update(1)
                     bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m['rewards/accuracies']:.2f}")
-                    if self.out and self.config.save_every and self.step % self.config.save_every == 0:
+                    saving = self.out and c.save_every
+                    if saving and self.step % c.save_every == 0:
                         self.save_checkpoint()
                     if sigint["hit"]:
-                        saved = self.save_checkpoint() if self.out and self.config.save_every else None
-                        raise TrainingInterrupted(self.step, saved)
+                        raise TrainingInterrupted(self.step, self.save_checkpoint() if saving else None)
         finally:
             bar.close()
             log.close()
         return self.history
 
-    def _resume(self) -> None:
-        if (last := self.latest_checkpoint()) is None:
-            return print(f"[dpo_lib] --resume: no checkpoint in {self.out}, starting from step 0")
-        self.load_checkpoint(last)
-        print(f"[dpo_lib] resumed from {last} (step {self.step}/{self.total_steps})")
-
-    # ------------------------------------------------------------------ checkpoints (dpo_lib.checkpoints)
-
     def latest_checkpoint(self) -> Path | None:
         return checkpoints.latest_checkpoint(self.out)
 
-    def _unwrapped(self):
-        return self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
-
     def save_checkpoint(self) -> Path:
-        """Write a checkpoint (main process only; every process must call it, they wait for each other)."""
-        acc = self.accelerator
-        if acc is not None and "FSDP" in str(acc.distributed_type):
-            raise NotImplementedError("checkpoints under FSDP are not supported by dpo_lib's trainer: train with "
-                                      "save_every=0 and save the model with accelerator.get_state_dict(model)")
-        root = self.out / "checkpoints"
-        final = root / f"step-{self.step:06d}"
-        if self.is_main:
-            state = checkpoints.trainer_state(self.step, self.num_tokens, self.config, self.history)
-            state["reference_overrides"] = self.reference_overrides
-            final = checkpoints.write_checkpoint(root, self._unwrapped(), self.optimizer, self.scheduler, state,
-                                                 self.config.keep_checkpoints)
-        if acc is not None and self.world > 1:
-            acc.wait_for_everyone()
-        return final
+        """Write a checkpoint (every process must call it: they wait for each other): :func:`checkpoints.save`."""
+        return checkpoints.save(self)
 
     def load_checkpoint(self, path: Path) -> None:
-        meta = checkpoints.read_checkpoint(path, self._unwrapped(), self.optimizer, self.scheduler)
-        self.step, self.num_tokens, self.history = meta["step"], meta["num_tokens"], meta["history"]
-        self.reference_overrides = meta.get("reference_overrides", {})
-        for i, (c, r) in self.reference_overrides.items():
-            self.features[int(i)]["ref_chosen_logps"], self.features[int(i)]["ref_rejected_logps"] = c, r
-        if self.out and self.is_main:  # drop lines logged after this checkpoint
-            MetricsLogger.truncate(self.out, self.step)
+        checkpoints.load(self, path)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dpo_lib.config import TrainConfig
 from dpo_lib.models import tiny_model, tiny_tokenizer
-from dpo_lib.trainer import TrainConfig
 
 WORDS = ["great", "awful", "fine", "lovely", "bad", "nice", "poor", "superb"]
 

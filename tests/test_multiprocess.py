@@ -23,9 +23,10 @@ sys.path.insert(0, str(HERE))
 
 from _tiny import tiny, toy_rows  # noqa: E402
 
+from dpo_lib.config import TrainConfig  # noqa: E402
 from dpo_lib.features import tokenize_rows  # noqa: E402
 from dpo_lib.reference import FrozenReference, precompute_reference_logps  # noqa: E402
-from dpo_lib.trainer import DPOTrainer, TrainConfig  # noqa: E402
+from dpo_lib.trainer import DPOTrainer  # noqa: E402
 
 # the settings these tests were written for (TrainConfig defaults before they became the main job's)
 LEGACY = dict(grad_accum=1, sort_by_length=False, compact_lm_head=False, precision="fp32")

@@ -11,11 +11,12 @@ import matplotlib.pyplot as plt
 import pytest
 from _tiny import tiny, toy_rows
 
+from dpo_lib.config import TrainConfig
 from dpo_lib.evaluation import HeldoutEval, implicit_reward_accuracy
 from dpo_lib.features import tokenize_rows
 from dpo_lib.plots import PANELS, epoch_boundaries, plot_curves, plot_panel, smoothed
 from dpo_lib.reference import FrozenReference, precompute_reference_logps
-from dpo_lib.trainer import DPOTrainer, TrainConfig
+from dpo_lib.trainer import DPOTrainer
 
 
 def test_smoothed_is_a_trailing_mean():

@@ -23,7 +23,7 @@ from dpo_lib.losses import dpo_loss
 
 __all__ = [
     "VARIANT_GRADERS", "check_simpo_loss", "check_dpop_loss", "check_flip_labels", "check_clean_accuracy",
-    "reference_simpo_loss", "reference_dpop_loss", "reference_flip_labels", "reference_clean_accuracy",
+    "reference_simpo_loss", "reference_dpop_loss",
 ]
 
 # SimPO's β is a reward scale (the authors use 2 to 10), never 1; γ never 0 and never equal to β

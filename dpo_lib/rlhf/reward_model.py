@@ -14,7 +14,7 @@ trunk shared by every model that trains only its top blocks, cached features) an
 
 This module also holds :func:`train_reward_head` (a reward head on cached features),
 :func:`end_of_turn_ids`, the tokens that close a response as the reward model saw it in training, and
-:class:`RewardModelJudge`, a reward model as the judge of iterative DPO (:mod:`dpo_lib.iterate`);
+:class:`RewardModelJudge`, a reward model as the judge of iterative DPO (:mod:`dpo_lib.recipes.iterate`);
 the mask and padding helpers it shares with PPO are in :mod:`dpo_lib.rlhf.masks`.
 
 Shapes: ``B`` sequences, ``P`` prompt tokens (left-padded), ``R`` response tokens (right-padded
@@ -132,7 +132,7 @@ def train_reward_head(reward_model: RewardModel, chosen_hidden: torch.Tensor, re
 # ------------------------------------------------------------------ a reward model as a judge
 class RewardModelJudge:
     """A :class:`RewardModel` as a judge ``(texts, prompts) -> list[float]`` for
-    :func:`dpo_lib.sampling.make_pairs` and :func:`dpo_lib.iterate.iterate` (``takes_prompts``:
+    :func:`dpo_lib.sampling.make_pairs` and :func:`dpo_lib.recipes.iterate.iterate` (``takes_prompts``:
     they pass each text's prompt). Each answer is scored as the reward model saw its training
     pairs: the prompt as the chat template writes it for generation, the answer's tokens, and the
     end-of-turn tokens (:func:`end_of_turn_ids`, or ``suffix_ids``); left-padded batches."""

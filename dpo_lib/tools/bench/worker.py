@@ -52,9 +52,10 @@ class PolicyAsReference:
 
 
 def run_dpo_lib(spec: dict, model, tokenizer) -> dict:
+    from dpo_lib.config import TrainConfig
     from dpo_lib.features import token_ids_hash, tokenize_rows
     from dpo_lib.reference import precompute_reference_logps
-    from dpo_lib.trainer import DPOTrainer, TrainConfig
+    from dpo_lib.trainer import DPOTrainer
 
     pad = tokenizer.pad_token_id
     t0 = time.perf_counter()

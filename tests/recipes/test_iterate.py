@@ -1,4 +1,4 @@
-"""Iterative on-policy DPO (dpo_lib.iterate and ``python -m dpo_lib iterate``) on the tiny model."""
+"""Iterative on-policy DPO (dpo_lib.recipes.iterate and ``python -m dpo_lib iterate``) on the tiny model."""
 
 import json
 import math
@@ -10,13 +10,22 @@ import pytest
 import torch
 from _tiny import save_tiny, toy_rows, train_config, write_jsonl
 
-from dpo_lib.config import ConfigError, IterateConfig, JobConfig
-from dpo_lib.iterate import TIMING_KEYS, IterationError, branch, finished_rounds, iterate, round_dir, sample_seed
-from dpo_lib.job import ResumeMismatch
+from dpo_lib.config import IterateConfig, JobConfig
 from dpo_lib.models import load_model
+from dpo_lib.recipes.iterate import (
+    TIMING_KEYS,
+    IterationError,
+    branch,
+    finished_rounds,
+    iterate,
+    round_dir,
+    sample_seed,
+)
+from dpo_lib.recipes.run import ResumeMismatch
 from dpo_lib.sampling import JudgeError, make_pairs, score_samples
+from dpo_lib.settings import ConfigError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class CharJudge:
