@@ -35,7 +35,7 @@ from dpo_lib.settings import (
 
 __all__ = ["DEFAULT_TEST", "DEFAULT_TEST_PROMPTS", "DEFAULT_TRAIN", "JUDGES", "PRECISIONS", "REFERENCE_MODES",
            "REPO_DATA", "SCHEDULES", "IterateConfig", "JobConfig", "LengthsConfig", "ModelConfig", "PairsConfig",
-           "SamplingConfig", "TrainConfig", "ValidateConfig", "BenchConfig"]
+           "SamplingConfig", "TrainConfig", "ValidateConfig", "BenchConfig", "with_loss_params"]
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_TRAIN = REPO_DATA / "sentiment" / "train.jsonl"
@@ -131,6 +131,8 @@ class JobConfig(ModelConfig):
     eval_every: int = setting(16, "held-out accuracy and margin every N steps, for the curves (0: only at the end)",
                               at_least(0))
     skip_invalid: bool = setting(False, "drop bad rows (and say how many) instead of stopping")
+    capability: bool = setting(True, "measure the alignment tax before and after (general_nll, "
+                               "instruction_following: dpo_lib.capability; ~30 s each on 2 CPU cores)")
     resume: bool = setting(False, "continue from the last checkpoint in --out")
     force_resume: bool = setting(False, "with --resume: continue even if settings differ from the run card")
 

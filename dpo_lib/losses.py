@@ -102,7 +102,10 @@ The registry. Each loss is one function decorated with :func:`register`, which r
 fields and ``--flags``), and whether it needs the reference and the completion lengths. The
 command line's ``--loss-type`` choices and per-loss flags, the trainer's call
 (:func:`loss_params`) and the job's "skip the reference pass" (:func:`needs_reference`) are all
-read from it. Adding a loss is one function, one ``@register`` line and its tests.
+read from it. Adding a loss is one function, one ``@register`` line in this module and its tests
+(``TrainConfig``'s fields and the derived tuples are made when this module is imported, so a loss
+registered later from outside can be called through :func:`dpo_loss` with its default parameters
+but is not a ``TrainConfig`` choice).
 
 This module loads torch only when a loss is computed, so the command line can read the registry
 and reject a bad flag without it.

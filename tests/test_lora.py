@@ -50,7 +50,7 @@ def test_lora_model_starts_at_the_base_and_trains_only_adapters():
     n_base = model.num_parameters()
     peft_model = lora.make_lora_model(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     trainable, total = lora.trainable_parameters(peft_model)
-    assert trainable == 896 and total == n_base + 896   # see tests/test_vram.py for the hand count
+    assert trainable == 896 and total == n_base + 896   # see tests/tools/test_vram.py for the hand count
     assert all(("lora_" in n) == p.requires_grad for n, p in peft_model.named_parameters())
 
 
