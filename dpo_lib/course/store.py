@@ -32,6 +32,8 @@ from pathlib import Path
 
 import nbformat
 
+__all__ = ["dumps", "main", "progress_text", "run", "targets", "tidy", "widget_outputs"]
+
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = ("notebooks", "solutions", "exercises")
 KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
