@@ -2,7 +2,7 @@
 package versions that go into the run card.
 
 * :class:`MetricsLogger` — one JSON line per optimizer step in ``OUT/metrics.jsonl`` (TRL's
-  metric names, COURSE.md), and the boxed table of :func:`format_table` every ``print_every`` steps.
+  metric names, as in the README), and the boxed table of :func:`format_table` every ``print_every`` steps.
 * :func:`package_versions` — the versions of Python and the packages a result depends on.
 """
 

@@ -17,75 +17,10 @@ and every loss is a function of the log-ratio difference
 
 so that :math:`\beta h = \hat r_\theta(x, y_w) - \hat r_\theta(x, y_l)`.
 
-``sigmoid`` — DPO, Rafailov et al. 2023, Eq. 7:
-    :math:`\ell = -\log\sigma(\beta h)`. At initialisation the policy equals the
-    reference, :math:`h = 0` and :math:`\ell = \ln 2`. The gradient (§4, "What does the DPO update do?") is
-    :math:`-\beta\,\sigma(-\beta h)\,\nabla h`: each pair is weighted by how wrong the
-    implicit reward model is, :math:`\sigma(\hat r_l - \hat r_w)`.
-
-``sigmoid`` with ``label_smoothing = ε > 0`` — conservative DPO (cDPO, the paper
-    authors' code and Mitchell 2023): the label is assumed flipped with probability ε,
-    :math:`\ell = -(1-ε)\log\sigma(\beta h) - ε\log\sigma(-\beta h)`.
-    Note that TRL 1.x ignores ``label_smoothing`` for ``sigmoid``; we keep the authors'.
-
-``robust`` — Chowdhury et al. 2024 (rDPO), Eq. 8: an unbiased estimate of the clean loss
-    under label-flip rate ε,
-    :math:`\ell = \frac{(1-ε)(-\log\sigma(\beta h)) - ε(-\log\sigma(-\beta h))}{1-2ε}`.
-    With ε = 0 it equals ``sigmoid``.
-
-``hinge`` — SLiC (Zhao et al. 2023, Eq. 2 with δ = 1/β):
-    :math:`\ell = \max(0, 1 - \beta h)`.
-
-``ipo`` — Azar et al. 2023, Eq. 17, with τ = β:
-    :math:`\ell = (h - \tfrac{1}{2\beta})^2`. On summed log-probs, as written in the
-    paper; at initialisation :math:`\ell = 1/(4\beta^2)`. TRL 1.x divides each log-ratio by
-    the completion length before squaring; call with per-token means
-    (``sequence_logprobs(..., average=True)``) to get that variant.
-
-``dpop`` — DPO-Positive, Pal et al. 2024 ("Smaug"), Eq. 3: DPO plus a penalty, inside the
-    sigmoid and scaled by β like the rest, for every nat the chosen response falls below the
-    reference,
-    :math:`\ell = -\log\sigma\big(\beta\,[\,h - \lambda\max(0,\ \log\pi_\text{ref}(y_w|x)
-    - \log\pi_\theta(y_w|x))\,]\big)` with λ = ``dpop_lambda``. DPO can raise
-    :math:`h` while *lowering* :math:`\log\pi_\theta(y_w|x)` (both responses fall, the
-    rejected one faster); the penalty removes that way out. While the chosen log-prob stays at
-    or above the reference's, it equals ``sigmoid``.
-
-``rdpo`` — length-regularised DPO (R-DPO), Park et al. 2024, "Disentangling Length from Quality
-    in Direct Preference Optimization", Eq. 9:
-    :math:`\ell = -\log\sigma\big(\beta h + \alpha(|y_w| - |y_l|)\big)` with α =
-    ``rdpo_alpha`` and :math:`|y|` the number of completion tokens. The sign follows from the
-    paper's derivation: it maximises :math:`r(x,y) - \alpha|y|` under the KL constraint, so
-    :math:`r = \beta\log\frac{\pi_\theta}{\pi_\text{ref}} + \alpha|y| + \text{const}`
-    and the Bradley-Terry logit gains :math:`+\alpha(|y_w| - |y_l|)`: the part of a preference
-    that the length difference already explains no longer has to be learnt by the policy (a
-    longer chosen response lowers the loss and the weight of its pair), so length stops paying.
-    With α = 0 it equals ``sigmoid``.
-
-Reference-free losses (no :math:`\pi_\text{ref}`: pass ``None`` for its log-probs; the trainer
-never asks the reference for them). Both score a response by its length-normalised log-prob, the
-per-token mean :math:`\bar\ell(y) = \frac{1}{|y|}\log\pi_\theta(y|x)`, computed here from the
-summed log-probs and the token counts.
-
-``simpo`` — SimPO, Meng et al. 2024, Eq. 6:
-    :math:`\ell = -\log\sigma\big(\tfrac{\beta}{|y_w|}\log\pi_\theta(y_w|x)
-    - \tfrac{\beta}{|y_l|}\log\pi_\theta(y_l|x) - \gamma\big)`, γ = ``simpo_gamma``
-    (the target reward margin; 0.5 is TRL's ``CPOConfig.simpo_gamma``). β is the reward scale
-    here, not a KL strength: the authors' training configs use β = 2 to 10 (with the DPO default
-    0.1 every logit starts near -γ). With ``label_smoothing`` ε it is smoothed like cDPO, as TRL's ``CPOTrainer`` does.
-
-``orpo`` — ORPO, Hong et al. 2024, Eqs. 6-7 (no β: the weight λ of the odds-ratio term is
-    ``beta``, as in TRL's ``ORPOConfig.beta``):
-    :math:`\ell = \text{NLL}(y_w) - \lambda\log\sigma\Big(\log\frac{\text{odds}(y_w)}
-    {\text{odds}(y_l)}\Big)`, :math:`\text{odds}(y) = \frac{P}{1-P}`,
-    :math:`P = e^{\bar\ell(y)}`, so :math:`\log\text{odds}(y) = \bar\ell(y) -
-    \log(1 - e^{\bar\ell(y)})`, computed in float32 with the stable
-    :math:`\log(1-e^x)` of TRL's ``odds_ratio_loss`` (``log1p(-exp(x))`` below :math:`-\ln 2`,
-    ``log(-expm1(x))`` above). :math:`\text{NLL}(y_w) = -\bar\ell(y_w)` per pair (the paper's
-    :math:`\mathcal L_\text{SFT}`, over the chosen *completion* tokens); TRL instead takes one
-    cross-entropy over every token of the batch's chosen sequences, prompt included, so only the
-    odds-ratio term is compared with TRL. ORPO already holds its NLL: ``nll_weight`` must stay 0,
-    and ``label_smoothing`` does not apply to it.
+Each loss's formula, with the paper's equation number, is on its function below; the
+reference-free ones (``simpo``, ``orpo``) score a response by its length-normalised log-prob,
+the per-token mean :math:`\bar\ell(y) = \frac{1}{|y|}\log\pi_\theta(y|x)`, computed from the summed
+log-probs and the token counts. Label smoothing ε (cDPO) applies to the logistic losses.
 
 DPO + NLL (Pang et al. 2024, "Iterative Reasoning Preference Optimization", Eq. 1; TRL's
 old ``rpo_alpha``) adds :math:`\alpha\,\text{NLL}(y_w)` with the NLL averaged over the
@@ -229,21 +164,33 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 @register("sigmoid", "DPO (Rafailov et al. 2023, Eq. 7); with --label-smoothing: cDPO")
 def sigmoid(x: LossInputs, beta: float, eps: float) -> torch.Tensor:
+    r"""DPO (Rafailov et al. 2023, Eq. 7): :math:`\ell = -\log\sigma(\beta h)`; ln 2 at initialisation (h = 0).
+    Its gradient (§4, "What does the DPO update do?", unnumbered) is :math:`-\beta\,\sigma(-\beta h)\,\nabla h`:
+    each pair weighted by how wrong the implicit reward model is, :math:`\sigma(\hat r_l - \hat r_w)`.
+    With ε > 0, conservative DPO (the authors' code; Mitchell 2023): the label is taken as flipped with
+    probability ε, :math:`\ell = -(1-ε)\log\sigma(\beta h) - ε\log\sigma(-\beta h)` (TRL 1.x ignores
+    ``label_smoothing`` for ``sigmoid``; we keep the authors')."""
     return _smoothed_logistic_loss(beta * x.h, eps)
 
 
 @register("ipo", "IPO (Azar et al. 2023, Eq. 17), on summed log-probs")
 def ipo(x: LossInputs, beta: float, eps: float) -> torch.Tensor:
+    r"""IPO (Azar et al. 2023, Eq. 17, τ = β): :math:`\ell = (h - \tfrac{1}{2\beta})^2`, on summed log-probs as
+    in the paper; :math:`1/(4\beta^2)` at initialisation. TRL 1.x divides each log-ratio by the completion length
+    first: pass per-token means (``sequence_logprobs(..., average=True)``) for that variant."""
     return (x.h - 1 / (2 * beta)) ** 2
 
 
 @register("hinge", "SLiC's hinge (Zhao et al. 2023, Eq. 2)")
 def hinge(x: LossInputs, beta: float, eps: float) -> torch.Tensor:
+    r"""SLiC's hinge (Zhao et al. 2023, Eq. 2, δ = 1/β): :math:`\ell = \max(0, 1 - \beta h)`."""
     return (1 - beta * x.h).relu()
 
 
 @register("robust", "rDPO (Chowdhury et al. 2024, Eq. 8): unbiased under label-flip rate --label-smoothing")
 def robust(x: LossInputs, beta: float, eps: float) -> torch.Tensor:
+    r"""rDPO (Chowdhury et al. 2024, Eq. 8): an unbiased estimate of the clean loss under label-flip rate ε,
+    :math:`\ell = \frac{(1-ε)(-\log\sigma(\beta h)) - ε(-\log\sigma(-\beta h))}{1-2ε}`; ``sigmoid`` at ε = 0."""
     h = x.h
     return (-(1 - eps) * _logsigmoid(beta * h) + eps * _logsigmoid(-beta * h)) / (1 - 2 * eps)
 
@@ -253,6 +200,12 @@ def robust(x: LossInputs, beta: float, eps: float) -> torch.Tensor:
           dpop_lambda=Param(50.0, "dpop: weight λ of the penalty max(0, log π_ref(y_w) − log π(y_w)) inside the "
                                   "sigmoid"))
 def dpop(x: LossInputs, beta: float, eps: float, dpop_lambda: float) -> torch.Tensor:
+    r"""DPO-Positive (Pal et al. 2024, "Smaug", Eq. 3): DPO plus a penalty, inside the sigmoid and scaled by β,
+    for every nat the chosen response falls below the reference,
+    :math:`\ell = -\log\sigma\big(\beta\,[\,h - \lambda\max(0,\ \log\pi_\text{ref}(y_w|x)
+    - \log\pi_\theta(y_w|x))\,]\big)`. DPO can raise h while *lowering* the chosen log-prob (both fall, the
+    rejected faster); the penalty removes that way out. Equal to ``sigmoid`` while the chosen log-prob stays at
+    or above the reference's."""
     return _smoothed_logistic_loss(beta * (x.h - dpop_lambda * (x.ref_chosen - x.chosen).relu()), eps)
 
 
@@ -260,6 +213,11 @@ def dpop(x: LossInputs, beta: float, eps: float, dpop_lambda: float) -> torch.Te
 @register("rdpo", "R-DPO (Park et al. 2024, Eq. 9)", needs_lengths=True,
           rdpo_alpha=Param(0.05, "rdpo: α per token of the length gap |y_w| − |y_l| added to the logit (0: plain DPO)"))
 def rdpo(x: LossInputs, beta: float, eps: float, rdpo_alpha: float) -> torch.Tensor:
+    r"""R-DPO (Park et al. 2024, "Disentangling Length from Quality in DPO", Eq. 9):
+    :math:`\ell = -\log\sigma\big(\beta h + \alpha(|y_w| - |y_l|)\big)`, |y| the completion tokens. The sign
+    follows the paper's derivation: it maximises :math:`r(x,y) - \alpha|y|` under the KL constraint, so the
+    Bradley-Terry logit gains :math:`+\alpha(|y_w| - |y_l|)`: the part of a preference the length gap already
+    explains no longer has to be learnt, so length stops paying. ``sigmoid`` at α = 0."""
     h = x.h
     length_gap = (x.n_chosen - x.n_rejected).to(h.dtype)                  # (B,) |y_w| - |y_l|
     return _smoothed_logistic_loss(beta * h + rdpo_alpha * length_gap, eps)
@@ -269,6 +227,10 @@ def rdpo(x: LossInputs, beta: float, eps: float, rdpo_alpha: float) -> torch.Ten
 @register("simpo", "SimPO (Meng et al. 2024, Eq. 6), reference-free", needs_reference=False, needs_lengths=True,
           simpo_gamma=Param(0.5, "simpo: target reward margin γ between the chosen and rejected β·mean log-probs"))
 def simpo(x: LossInputs, beta: float, eps: float, simpo_gamma: float) -> torch.Tensor:
+    r"""SimPO (Meng et al. 2024, Eq. 6), reference-free: :math:`\ell = -\log\sigma\big(\beta\bar\ell(y_w)
+    - \beta\bar\ell(y_l) - \gamma\big)`, γ the target reward margin (0.5: TRL's ``CPOConfig.simpo_gamma``).
+    β is a reward scale for per-token means here, not a KL strength: the authors train with β = 2 to 10 (at the
+    DPO default 0.1 every logit starts near −γ). Smoothed like cDPO with ε, as TRL's ``CPOTrainer`` does."""
     chosen_mean, rejected_mean = x.means()                                # (B,), (B,)
     return _smoothed_logistic_loss(beta * (chosen_mean - rejected_mean) - simpo_gamma, eps)
 
@@ -276,6 +238,12 @@ def simpo(x: LossInputs, beta: float, eps: float, simpo_gamma: float) -> torch.T
 @register("orpo", "ORPO (Hong et al. 2024, Eqs. 6-7), reference-free; β is the odds-ratio weight λ",
           needs_reference=False, needs_lengths=True, smoothing=False, holds_nll=True)
 def orpo(x: LossInputs, beta: float, eps: float) -> torch.Tensor:
+    r"""ORPO (Hong et al. 2024, Eqs. 6-7), reference-free; β is the weight λ of the odds-ratio term (TRL's
+    ``ORPOConfig.beta``): :math:`\ell = \text{NLL}(y_w) - \lambda\log\sigma\big(\log\frac{\text{odds}(y_w)}
+    {\text{odds}(y_l)}\big)`, :math:`\text{odds}(y) = \frac{P}{1-P}`, :math:`P = e^{\bar\ell(y)}`, in float32
+    with the stable :func:`log1mexp`. :math:`\text{NLL}(y_w) = -\bar\ell(y_w)` per pair, over the chosen
+    *completion* tokens (TRL takes one cross-entropy over the batch's chosen sequences, prompt included, so only
+    the odds-ratio term is compared with TRL). It holds its NLL: ``nll_weight`` must stay 0; no smoothing."""
     chosen_mean, rejected_mean = x.means()
     c, r = chosen_mean.float(), rejected_mean.float()                     # float32, as TRL computes it
     log_odds = (c - r) - (log1mexp(c) - log1mexp(r))                      # log odds(y_w) - log odds(y_l)

@@ -7,7 +7,7 @@ cache or a frozen model under ``no_grad`` (:mod:`dpo_lib.reference`; none for th
 reference-free ``simpo`` and ``orpo``), the loss of :func:`dpo_lib.losses.dpo_loss`, backward.
 Then clip, step, schedule.
 
-Metrics use TRL's names (see COURSE.md); :class:`dpo_lib.logger.MetricsLogger` writes one JSON
+Metrics use TRL's names (``loss``, ``rewards/chosen``, ``rewards/accuracies``, ``logps/chosen`` …); :class:`dpo_lib.logger.MetricsLogger` writes one JSON
 line per step to ``OUT/metrics.jsonl`` and prints the table; :mod:`dpo_lib.checkpoints` writes
 and reads the resumable checkpoints. The settings and their defaults are
 :class:`dpo_lib.config.TrainConfig`.
@@ -18,6 +18,8 @@ Speed (on by default; same maths, fewer FLOPs — see ``python -m dpo_lib bench`
 ``compact_lm_head`` runs the LM head only on the positions that score a completion token.
 ``precision="bf16"`` runs the forward under bf16 autocast (:func:`dpo_lib.precision.autocast`);
 then compute the reference log-probs under the same autocast, or step-0 rewards are not 0.
+``precision="fp16"`` (GPUs without bf16) adds a dynamic loss scaler in the backend (:mod:`dpo_lib.amp`):
+a step whose gradients overflow is skipped, not stopped, and ``amp/scale``, ``amp/skipped_steps`` are logged.
 Resuming from a checkpoint gives bitwise the weights of an uninterrupted run in float32; in
 bf16 only up to rounding (CPU bf16 matmuls are not always bitwise the same from one process
 to the next).
@@ -85,11 +87,12 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training: the step in progress was finished, and ``checkpoint`` (if any) holds it."""
+    """Ctrl-C or SIGTERM (``signum``) during training: the step in progress was finished, and ``checkpoint``
+    (if any) holds it; the command line exits ``128 + signum`` (130, 143)."""
 
-    def __init__(self, step: int, checkpoint: Path | None):
+    def __init__(self, step: int, checkpoint: Path | None, signum: int = signal.SIGINT):
         super().__init__(f"interrupted after step {step}")
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -112,21 +115,37 @@ def make_optimizer(model: torch.nn.Module, config, device: torch.device) -> torc
 
 @contextmanager
 def deferred_sigint():
-    """Ctrl-C sets ``flag["hit"]`` instead of raising, so the step in progress can finish
-    (main thread only; elsewhere, and on a second Ctrl-C, it raises as usual)."""
-    flag = {"hit": False}
+    """Ctrl-C (SIGINT) and SIGTERM set ``flag["hit"]`` and ``flag["signum"]`` instead of stopping the run, so the
+    step in progress, and a checkpoint being written, can finish; the loop checks the flag after each step.
+
+    Both handlers are installed together, before the first step, and put back together at the end; a system call
+    the signal lands in is restarted, not failed (a checkpoint being written completes); a second
+    signal gets the previous handler (a second Ctrl-C stops at once; the checkpoint write cleans up after
+    itself). Main thread only; a SIGINT someone else handles (a notebook kernel, a test) is left to them."""
+    flag = {"hit": False, "signum": None}
+    previous: dict = {}
+
+    def hit(signum, _frame):
+        if not flag["hit"]:
+            flag.update(hit=True, signum=signum)
+        signal.signal(signum, previous[signum])
+
     try:
-        previous = signal.getsignal(signal.SIGINT)
-        if previous is not signal.default_int_handler:  # someone else (a notebook kernel, a test) handles it
-            raise ValueError
-        signal.signal(signal.SIGINT, lambda *_: flag.update(hit=True) or signal.signal(signal.SIGINT, previous))
-    except ValueError:
-        yield flag
-        return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old = signal.getsignal(sig)
+            if old is signal.SIG_IGN or (sig == signal.SIGINT and old is not signal.default_int_handler):
+                continue
+            previous[sig] = old
+            signal.signal(sig, hit)
+            signal.siginterrupt(sig, False)  # restart the system calls it lands in: a write in torch.save does not
+            # fail with EINTR ("unexpected pos"), it completes, and the handler runs after it
+    except ValueError:  # not the main thread: signals are delivered there only
+        pass
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def completion_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,7 +250,7 @@ class DPOTrainer:
         optimizer = make_optimizer(self.model, config, self.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(  # ours, not the backend's: one step per global batch
             optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, config.schedule))
-        self.optimizer = b.prepare_optimizer(optimizer)
+        self.optimizer = b.prepare_optimizer(optimizer, config.precision)  # fp16: a loss scaler (dpo_lib.amp)
         self.step, self.num_tokens, self.history = 0, 0, []
         self._first_step = False  # True only inside the first train_step (compute_loss)
 
@@ -270,10 +289,10 @@ class DPOTrainer:
         if not math.isfinite(sums["loss"]):
             self._stop(f"non-finite loss ({sums['loss']})")
         grad_norm = self.backend.clip(self.model, self.config.max_grad_norm)
-        if not math.isfinite(grad_norm):
+        if not (math.isfinite(grad_norm) or self.backend.scales_loss):  # fp16: an overflow, the step is skipped
             self._stop(f"non-finite gradient norm ({grad_norm})")  # before the update
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        self.backend.step(self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -281,7 +300,7 @@ class DPOTrainer:
         dt = time.perf_counter() - t0
         metrics = {"step": self.step, **sums, "num_tokens": self.num_tokens, "tokens_per_second": tokens / dt,
                    "learning_rate": lr, "grad_norm": grad_norm, "epoch": self.step / self.steps_per_epoch,
-                   "step_seconds": dt}
+                   "step_seconds": dt, **self.backend.amp_metrics()}
         self.history.append(metrics)
         return metrics
 
@@ -310,7 +329,7 @@ class DPOTrainer:
     def train(self, resume: bool = False, progress: bool = True, callbacks=()) -> list[dict]:
         """Run until ``total_steps`` (``resume``: from the last checkpoint in ``out_dir``). ``callback(trainer,
         metrics)`` runs after every step, before its log line and checkpoint, and may add metrics (HeldoutEval).
-        Ctrl-C finishes the step, saves a checkpoint when ``save_every`` is set, raises TrainingInterrupted."""
+        Ctrl-C/SIGTERM finishes the step, saves a checkpoint when ``save_every`` is set, raises TrainingInterrupted."""
         if resume:
             checkpoints.resume(self)
         c, main = self.config, self.backend.is_main
@@ -318,7 +337,7 @@ class DPOTrainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="DPO", disable=not (progress and main),
                    dynamic_ncols=True)
         try:
-            with deferred_sigint() as sigint:
+            with deferred_sigint() as stop:
                 while self.step < self.total_steps:
                     m = self.train_step()
                     for callback in callbacks:  # before the log: a callback may add metrics (HeldoutEval)
@@ -329,8 +348,8 @@ class DPOTrainer:
                     saving = self.out and c.save_every
                     if saving and self.step % c.save_every == 0:
                         self.save_checkpoint()
-                    if sigint["hit"]:
-                        raise TrainingInterrupted(self.step, self.save_checkpoint() if saving else None)
+                    if stop["hit"]:
+                        raise TrainingInterrupted(self.step, self.save_checkpoint() if saving else None, stop["signum"])
         finally:
             bar.close()
             log.close()
