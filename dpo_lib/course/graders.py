@@ -27,6 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from dpo_lib.course.bandit import optimal_policy
+from dpo_lib.course.graders_adapter import *  # noqa: F401,F403 (the check cells of each lesson import from here)
+from dpo_lib.course.graders_adapter import ADAPTER_GRADERS
+from dpo_lib.course.graders_bandit import *  # noqa: F401,F403
+from dpo_lib.course.graders_bandit import BANDIT_GRADERS
 from dpo_lib.course.graders_gpu import *  # noqa: F401,F403 (lesson 05: the check cells import them from here)
 from dpo_lib.course.graders_gpu import GPU_GRADERS
 from dpo_lib.course.graders_iterate import *  # noqa: F401,F403 (lesson 07: the check cells import them from here)
@@ -42,8 +46,18 @@ from dpo_lib.course.graders_lm import (  # noqa: F401 (lessons 02 and 03: the ch
     reference_reference_logps,
     reference_split_prompt_completion,
 )
+from dpo_lib.course.graders_logprobs import *  # noqa: F401,F403
+from dpo_lib.course.graders_logprobs import LOGPROB_GRADERS
+from dpo_lib.course.graders_noise import *  # noqa: F401,F403
+from dpo_lib.course.graders_noise import NOISE_GRADERS
+from dpo_lib.course.graders_ppo import *  # noqa: F401,F403
+from dpo_lib.course.graders_ppo import PPO_GRADERS
 from dpo_lib.course.graders_rlhf import *  # noqa: F401,F403 (lesson 04: the check cells import them from here)
 from dpo_lib.course.graders_rlhf import RLHF_GRADERS
+from dpo_lib.course.graders_round import *  # noqa: F401,F403
+from dpo_lib.course.graders_round import ROUND_GRADERS
+from dpo_lib.course.graders_stats import *  # noqa: F401,F403
+from dpo_lib.course.graders_stats import STATS_GRADERS
 from dpo_lib.course.graders_variants import *  # noqa: F401,F403 (lesson 06: the check cells import them from here)
 from dpo_lib.course.graders_variants import VARIANT_GRADERS
 from dpo_lib.course.grading_engine import BETAS, Grader, GradingError, HarnessGrader, Mistake, _gather  # noqa: F401 (re-exported)
@@ -51,7 +65,7 @@ from dpo_lib.logprobs import sequence_logprobs
 from dpo_lib.losses import dpo_loss
 
 __all__ = ["GRADERS", "check_completion_mask", "check_dpo_gradient", "check_dpo_loss", "check_implicit_rewards",
-           "check_ipo_loss", "check_optimal_policy", "check_reward_accuracy", "check_sequence_logprobs",
+           "check_optimal_policy", "check_reward_accuracy", "check_sequence_logprobs",
            "reference_completion_mask", "reference_dpo_loss"]
 
 # --------------------------------------------------------------------------- case makers
@@ -180,30 +194,6 @@ def _rewards_detached(args, out):
 def _detached(args, out):
     if isinstance(out[0], torch.Tensor) and out[0].requires_grad:
         return "the rewards must be detached (.detach()): they are metrics, not part of the loss."
-
-
-def reference_ipo_loss(pc, pr, rc, rr, beta):
-    """IPO (Azar et al. 2023, Eq. 17, τ = β) per example: ``(h - 1/(2β))**2``."""
-    return dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="ipo")[0]
-
-
-IPO_MISTAKES = [
-    Mistake("the target margin is 1/(2β), not 1/β.", lambda pc, pr, rc, rr, b: (_h(pc, pr, rc, rr) - 1 / b) ** 2),
-    Mistake("the target margin is 1/(2β) (the 1/(2τ) of the paper), not β/2.",
-            lambda pc, pr, rc, rr, b: (_h(pc, pr, rc, rr) - b / 2) ** 2),
-    Mistake("in IPO, h is not multiplied by β: the loss is (h - 1/(2β))², β only sets the target.",
-            lambda pc, pr, rc, rr, b: (b * _h(pc, pr, rc, rr) - 1 / (2 * b)) ** 2),
-    Mistake("chosen and rejected are swapped (or h has the wrong sign).",
-            lambda pc, pr, rc, rr, b: (-_h(pc, pr, rc, rr) - 1 / (2 * b)) ** 2),
-    Mistake("the square is missing: IPO is a squared loss, (h - 1/(2β))².",
-            lambda pc, pr, rc, rr, b: _h(pc, pr, rc, rr) - 1 / (2 * b)),
-    Mistake("you returned the batch mean: return one loss per example (shape [B]).",
-            lambda *a: reference_ipo_loss(*a).mean()),
-    Mistake("the reference log-probs are missing: h uses log π_θ(y) - log π_ref(y) for both responses.",
-            lambda pc, pr, rc, rr, b: (pc - pr - 1 / (2 * b)) ** 2),
-    Mistake("the loss is cut from the autograd graph (.detach(), .item(), numpy or torch.no_grad): its values are "
-            "right but no gradient reaches the policy.", lambda *a: reference_ipo_loss(*a).detach()),
-]
 
 
 def reference_dpo_gradient(pc, pr, rc, rr, beta):
@@ -338,8 +328,6 @@ GRADERS: dict[str, Grader] = {
     "dpo_loss": Grader("dpo_loss", reference_dpo_loss, _logp_case, _LOGPS,
                        ("losses", "chosen_rewards", "rejected_rewards"), DPO_LOSS_MISTAKES,
                        (_loss_in_graph, _rewards_detached), grads=_LOSS_GRADS),
-    "ipo_loss": Grader("ipo_loss", reference_ipo_loss, _logp_case, _LOGPS, ("losses",), IPO_MISTAKES,
-                       (_loss_in_graph,), grads=_LOSS_GRADS),
     "dpo_gradient": Grader("dpo_gradient", reference_dpo_gradient, _logp_case, _LOGPS,
                            ("d_chosen", "d_rejected"), DPO_GRADIENT_MISTAKES),
     "implicit_rewards": Grader("implicit_rewards", reference_implicit_rewards, _rewards_case,
@@ -351,11 +339,13 @@ GRADERS: dict[str, Grader] = {
                                 ("logits", "input_ids", "completion_mask"), ("logps",), SEQUENCE_MISTAKES),
     "completion_mask": Grader("completion_mask", reference_completion_mask, _mask_case,
                               ("attention_mask", "prompt_lengths"), ("completion_mask",), MASK_MISTAKES),
-    **LM_GRADERS,  # lessons 02 and 03: dpo_lib.course.graders_lm
-    **RLHF_GRADERS,  # lesson 04: dpo_lib.course.graders_rlhf
-    **GPU_GRADERS,  # lesson 05: dpo_lib.course.graders_gpu
-    **VARIANT_GRADERS,  # lesson 06: dpo_lib.course.graders_variants
-    **ITERATE_GRADERS,  # lesson 07: dpo_lib.course.graders_iterate
+    **BANDIT_GRADERS,  # lesson 01: dpo_lib.course.graders_bandit
+    **LM_GRADERS, **LOGPROB_GRADERS,  # lessons 02 and 03: dpo_lib.course.graders_lm, graders_logprobs
+    **STATS_GRADERS,  # lesson 03: dpo_lib.course.graders_stats
+    **RLHF_GRADERS, **PPO_GRADERS,  # lesson 04: dpo_lib.course.graders_rlhf, graders_ppo
+    **GPU_GRADERS, **ADAPTER_GRADERS,  # lesson 05: dpo_lib.course.graders_gpu, graders_adapter
+    **VARIANT_GRADERS, **NOISE_GRADERS,  # lesson 06: dpo_lib.course.graders_variants, graders_noise
+    **ITERATE_GRADERS, **ROUND_GRADERS,  # lesson 07: dpo_lib.course.graders_iterate, graders_round
 }
 
 
@@ -368,11 +358,6 @@ def check_dpo_loss(fn: Callable) -> None:
     """``fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)``
     ``-> (losses [B], chosen_rewards [B], rejected_rewards [B])``: Eq. 7, rewards detached."""
     GRADERS["dpo_loss"](fn)
-
-
-def check_ipo_loss(fn: Callable) -> None:
-    """Same arguments as :func:`check_dpo_loss`; ``fn`` returns ``losses [B] = (h - 1/(2β))**2``."""
-    GRADERS["ipo_loss"](fn)
 
 
 def check_dpo_gradient(fn: Callable) -> None:

@@ -1,9 +1,8 @@
 """Graders for lessons 02 and 03 (re-exported by :mod:`dpo_lib.course.graders`, where the check cells find them).
 
-These graders run the learner's function inside a small harness (``HarnessGrader.run``): it
-builds what the function needs from a case (a tokenizer, a tiny model, an optimizer), calls
-it, and turns what comes back into tensors the Grader can compare. Cases use the course's
-tiny ChatML tokenizer and tiny Llama models built in code (no download, milliseconds each).
+These graders run the learner's function inside a small harness (``HarnessGrader.run``): it builds what the function
+needs from a case (a tokenizer, a tiny model, an optimizer), calls it, and turns what comes back into tensors. Cases
+use the course's tiny ChatML tokenizer and tiny Llama models built in code (no download, milliseconds each).
 """
 
 from __future__ import annotations
