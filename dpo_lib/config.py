@@ -42,7 +42,7 @@ DEFAULT_TRAIN = REPO_DATA / "sentiment" / "train.jsonl"
 DEFAULT_TEST = REPO_DATA / "sentiment" / "test.jsonl"
 DEFAULT_TEST_PROMPTS = REPO_DATA / "sentiment" / "prompts_test.jsonl"
 SCHEDULES = ("cosine", "linear", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")                # dpo_lib.precision
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")        # dpo_lib.precision
 JUDGES = ("sentiment",)            # judges available offline by name (dpo_lib.rewards.REWARDS); others via the API
 REFERENCE_MODES = ("initial", "previous")
 
@@ -89,7 +89,9 @@ class TrainConfig(Checked):
     sort_by_length: bool = setting(True, "sort each step's pairs by length into micro-batches: less padding")
     compact_lm_head: bool = setting(True, "LM head only on the positions that score a completion token")
     precision: str = setting("auto", "bf16: forwards under bf16 autocast (weights and optimizer stay float32); "
-                             "auto: bf16 where the CPU/GPU has bf16 matmul units, else fp32", choices=PRECISIONS)
+                             "fp16: the same in float16 with a dynamic loss scaler (GPUs without bf16); "
+                             "auto: a GPU's bf16, else fp16; on a CPU bf16 only where a start-up probe measures "
+                             "it faster than fp32", choices=PRECISIONS)
 
     def check_combinations(self) -> None:
         if self.batch_size % self.grad_accum:

@@ -4,7 +4,8 @@
   killed run's lock goes with its process, so it never stays stuck); :func:`write_json` writes
   atomically; :func:`check_card` compares a resumed run's settings with the run card on disk
   (:func:`resume_conflicts`) and refuses those that change the result.
-* The set-up (:func:`start`): the global seed, the precision resolved once for the whole run, the
+* The set-up (:func:`start`): the global seed, the precision resolved once for the whole run (``auto``: a
+  start-up probe of the model's matmuls, :func:`dpo_lib.precision.choose_auto`, in the run card), the
   policy and tokenizer, a frozen copy as the reference, and the held-out pairs with their reference
   log-probs (:func:`heldout`).
 * The evaluation (:func:`evaluate`, the same code before and after training) and the before/after
@@ -30,7 +31,7 @@ from dpo_lib.evaluation import implicit_reward_accuracy, mean_and_se, sequence_k
 from dpo_lib.features import tokenize_rows
 from dpo_lib.logger import package_versions
 from dpo_lib.models import load_model
-from dpo_lib.precision import autocast, resolve_precision
+from dpo_lib.precision import asked, autocast, choose_auto, last_choice, model_shapes
 from dpo_lib.reference import FrozenReference, model_fingerprint, precompute_reference_logps
 from dpo_lib.sampling import generate
 from dpo_lib.settings import UserError
@@ -90,7 +91,8 @@ def run_card(job: dict, config: TrainConfig, fingerprint: str, eval_rows: list, 
     recipe's own entries (its data hash, …)."""
     return {"command": " ".join(sys.argv), "seed": config.seed, "config": asdict(config), "job": job,
             "model_fingerprint": fingerprint, "heldout_data_sha256_16": data_hash(eval_rows) if eval_rows else None,
-            "versions": package_versions(), "threads": torch.get_num_threads(), **extra}
+            "versions": package_versions(), "threads": torch.get_num_threads(),
+            "precision_choice": last_choice(), **extra}
 
 
 def resume_conflicts(old: dict, new: dict, sections: tuple[str, ...], free: set[str],
@@ -142,13 +144,13 @@ def start(job: JobConfig, config: TrainConfig) -> Setup:
     samples use the same autocast as training, so the untrained policy's implicit rewards are exactly 0),
     load the policy and its frozen reference, and the held-out pairs (:func:`heldout`)."""
     torch.manual_seed(config.seed)
-    config = replace(config, precision=resolve_precision(config.precision, "cpu"))
-    print(f"[dpo_lib] precision: {config.precision}" + (" (bf16 autocast: this CPU has bf16 matmul units; "
-          "weights and optimizer stay float32; --precision fp32 to turn it off)" if config.precision == "bf16"
-          else ""))
     # eager attention: on 2 CPU cores and ~80-token pairs, PyTorch's fused SDPA backward is the slower
     # one (bf16 steps of 8 pairs: 3.9-4.2 s eager vs 4.6-5.1 s sdpa, measured 2026-11-21)
     model, tokenizer = load_model(job.model, trust_remote_code=job.trust_remote_code, attn_implementation="eager")
+    # auto: bf16 only where a probe of this model's matmul shapes measures it faster (cached per machine)
+    choice = choose_auto("cpu", model_shapes(model)) if config.precision == "auto" else asked(config.precision)
+    config = replace(config, precision=choice.precision)
+    print(f"[dpo_lib] {choice.line()} (weights and optimizer stay float32; --precision fp32|bf16 to choose)")
     s = Setup(model, tokenizer, FrozenReference(model), config, model_fingerprint(model))
     return heldout(s, job)
 
