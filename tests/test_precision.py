@@ -14,8 +14,9 @@ from dpo_lib.precision import autocast, bf16_is_fast, choose_precision, pick_dty
 def test_resolve_precision_names():
     assert resolve_precision("fp32") == "fp32"
     assert resolve_precision("bf16") == "bf16"  # asked for: kept, fast or not
-    with pytest.raises(ValueError, match=r"^precision must be one of auto, fp32, bf16, not 'fp16'$"):
-        resolve_precision("fp16")  # the trainer has no loss scaler
+    assert resolve_precision("fp16") == "fp16"  # autocast with the loss scaler of dpo_lib.amp
+    with pytest.raises(ValueError, match=r"^precision must be one of auto, fp32, bf16, fp16, not 'fp8'$"):
+        resolve_precision("fp8")
     with pytest.raises(ValueError, match="not 'float32'"):
         resolve_precision("float32")
 
@@ -23,7 +24,7 @@ def test_resolve_precision_names():
 @pytest.mark.parametrize("fast, device, expected", [
     (True, "cpu", "bf16"), (False, "cpu", "fp32"),
     (True, "cuda", "bf16"),
-    (False, "cuda", "fp32"),  # a GPU without bf16: fp32, never fp16 for the trainer (fp16=False)
+    (False, "cuda", "fp16"),  # a GPU without bf16 (T4): fp16 autocast with a dynamic loss scaler
 ])
 def test_resolve_auto(monkeypatch, fast, device, expected):
     monkeypatch.setattr(precision, "bf16_is_fast", lambda d: fast)
