@@ -22,7 +22,7 @@ Two small checks, run on the same examples before and after training and compare
 turns two of its results into ``general_nll_before``, ``general_nll_after``, ``general_nll_change``,
 ``general_nll_change_se`` and the same four for ``instruction_following`` (changes are after minus
 before, SEs over examples of the paired differences). On the embedded model one :func:`measure`
-call takes about 25-30 s on 2 CPU cores (see ``data/general/README.md``).
+call takes about 25-30 s on 2 CPU cores (see ``data/README.md``, "Capability checks").
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ GENERAL_TEXT = DATA / "general" / "general_text.jsonl"
 INSTRUCTIONS = DATA / "general" / "instructions.jsonl"
 HELDOUT_REPLIES = DATA / "assistant" / "test.jsonl"
 MEASURES = ("general_nll", "instruction_following")
-MAX_NEW_TOKENS = 64   # greedy; chosen with the timing in data/general/README.md
+MAX_NEW_TOKENS = 64   # greedy; chosen with the timing in data/README.md ("Capability checks")
 BATCH_SIZE = 16       # rows per forward for the NLL (the instructions are sampled in one batch)
 
 

@@ -1,7 +1,7 @@
 """The course's capability checks: general text for ``general_nll`` and verifiable instructions.
 
 Every paragraph and prompt below is original text written for this course (license: CC-BY-4.0,
-see data/general/README.md); nothing is copied or paraphrased from an existing dataset or page.
+see data/README.md, "Capability checks"); nothing is copied or paraphrased from an existing dataset or page.
 No randomness, no model and no network: the files are the rows below, in this order.
 
 Usage::
