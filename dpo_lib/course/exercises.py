@@ -16,7 +16,8 @@ included) becomes one line, at the indentation of the ``BEGIN`` marker::
 
 How to do it goes in a **hint cell**: a markdown cell of the solution notebook that starts with
 ``<details><summary>Hint`` (see :func:`hint_cell`); it renders collapsed, and one click on its
-summary opens it. (Its source is *not* hidden: JupyterLab would then show a collapsed input first,
+summary opens it. A hint has two steps: the idea, then (one more click, a nested ``<details>``)
+the code. (Its source is *not* hidden: JupyterLab would then show a collapsed input first,
 and the learner would need two clicks; the generator removes ``source_hidden`` from hint cells.)
 
 Outputs are kept up to the first exercise (the lesson's demos stay readable) and cleared
@@ -41,8 +42,8 @@ from pathlib import Path
 import nbformat
 
 __all__ = [
-    "DEFAULT_HINT", "NOTE_ID", "TODO", "check", "check_commands", "fill_solutions", "generate", "hint_cell", "is_hint",
-    "learner_note", "main",
+    "DEFAULT_HINT", "NOTE_ID", "NotebookError", "TODO", "check", "check_commands", "fill_solutions", "generate",
+    "hint_cell", "is_hint", "learner_note", "main",
     "make_exercise", "solution_regions", "strip_solutions",
 ]
 
@@ -52,6 +53,7 @@ TODO = re.compile(r'^[ \t]*raise NotImplementedError\(["\']TODO')
 HINT = re.compile(r"^\s*<details>\s*<summary>(<b>)?\s*Hint", re.IGNORECASE)
 DEFAULT_HINT = "write your solution here"  # the TODO text of a region whose BEGIN marker states no task
 NOTE_ID = "exercise-note"
+CODE_STEP = "<details><summary><b>Show the code</b> (one more click)</summary>"  # a hint's second step
 
 
 def _todo_line(indent: str, hint: str) -> str:
@@ -65,10 +67,22 @@ def is_hint(cell) -> bool:
     return cell.cell_type == "markdown" and bool(HINT.match(cell.source))
 
 
-def hint_cell(text: str, title: str = "Hint") -> nbformat.NotebookNode:
-    """A markdown hint cell, collapsed (``<details>``): one click on its summary opens it; ``text`` is markdown."""
+def hint_cell(text: str, title: str = "Hint", code: str = "") -> nbformat.NotebookNode:
+    """A markdown hint cell, collapsed (``<details>``): one click on its summary opens it; ``text`` is markdown.
+
+    With ``code``, the hint has two steps: the idea (``text``) shows at the first click, and the code sits in
+    a second collapsed block inside it (:data:`CODE_STEP`), one more click away."""
+    inner = f"\n\n{CODE_STEP}\n\n{code.strip()}\n\n</details>" if code else ""
     return nbformat.v4.new_markdown_cell(f"<details><summary><b>{title}</b> (click to open)</summary>\n\n"
-                                         f"{text.strip()}\n\n</details>")
+                                         f"{text.strip()}{inner}\n\n</details>")
+
+
+def hint_steps(cell) -> tuple[str, str]:
+    """``(idea, code)`` of a hint cell made by :func:`hint_cell`; ``code`` is empty for a one-step hint."""
+    body = HINT.sub("", cell.source, count=1).split("</summary>", 1)[-1].strip()
+    body = body[: -len("</details>")].strip() if body.endswith("</details>") else body
+    idea, _, code = body.partition(CODE_STEP)
+    return idea.strip(), code.strip()[: -len("</details>")].strip() if code else ""
 
 
 def solution_regions(source: str) -> list[tuple[int, int]]:
@@ -176,9 +190,25 @@ def _dumps(nb: nbformat.NotebookNode) -> str:
     return nbformat.writes(nb) + "\n"
 
 
+class NotebookError(ValueError):
+    """A solution notebook that cannot be read, or no solution notebooks at all; the message names the file or
+    folder and the command that fixes it."""
+
+
+def _read(path: Path) -> nbformat.NotebookNode:
+    try:
+        return nbformat.read(path, as_version=4)
+    except Exception as e:  # noqa: BLE001 - NotJSONError, a validation error, a bad encoding: name the file
+        raise NotebookError(f"{path}: not a readable notebook ({type(e).__name__}); restore it with "
+                            f"`git checkout -- {path}` (or repair it), then run `python -m dpo_lib exercises`") from e
+
+
 def _expected(solutions_dir: Path) -> dict[str, str]:
-    return {p.name: _dumps(make_exercise(nbformat.read(p, as_version=4), p.name))
-            for p in sorted(Path(solutions_dir).glob("*.ipynb"))}
+    paths = sorted(Path(solutions_dir).glob("*.ipynb"))
+    if not paths:
+        raise NotebookError(f"no solution notebooks in {Path(solutions_dir).resolve()}: run this at the root of a "
+                            "checkout of the course, or pass --solutions DIR --exercises DIR")
+    return {p.name: _dumps(make_exercise(_read(p), p.name)) for p in paths}
 
 
 def generate(solutions_dir: str | Path = "solutions", exercises_dir: str | Path = "exercises") -> list[Path]:
@@ -211,16 +241,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--solutions", default="solutions", help="folder of solution notebooks (default: solutions)")
     parser.add_argument("--exercises", default="exercises", help="folder of exercise notebooks (default: exercises)")
     args = parser.parse_args(argv)
-    if args.check:
-        bad = check(args.solutions, args.exercises)
-        for path in bad:
-            print(f"out of sync: {path}")
-        if bad:
-            print("run `python -m dpo_lib exercises` to regenerate them")
-        return int(bool(bad))
-    for path in generate(args.solutions, args.exercises):
-        print(f"wrote {path}")
+    try:
+        if args.check:
+            return _report(check(args.solutions, args.exercises), Path(args.solutions))
+        for path in generate(args.solutions, args.exercises):
+            print(f"wrote {path}")
+    except NotebookError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _report(bad: list[Path], solutions: Path) -> int:
+    """One line per out-of-sync exercise with the command that fixes it; 1 if any."""
+    for path in bad:
+        solution = solutions / path.name
+        if solution.is_file():
+            print(f"out of sync: {path} (from {solution}): run `python -m dpo_lib exercises` to regenerate it")
+        else:
+            print(f"out of sync: {path} has no solution notebook, {solution} is missing: restore it with "
+                  f"`git checkout -- {solution}` and run `python -m dpo_lib exercises`, or delete {path}")
+    return int(bool(bad))
 
 
 if __name__ == "__main__":
