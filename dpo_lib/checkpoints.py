@@ -2,15 +2,20 @@
 
 ``OUT/checkpoints/step-NNNNNN/`` holds the model (safetensors), the optimizer and scheduler
 state with the torch RNG (``optimizer.pt``: tensors and numbers only, loaded with
-``weights_only=True``), and ``trainer_state.json`` (step, token count, config, history).
-A checkpoint is written to a temporary folder, flushed, renamed, and only then named in
-``checkpoints/latest``: a crash mid-save leaves the last good checkpoint in place.
+``weights_only=True``), ``trainer_state.json`` (step, token count, config, history), and last
+``manifest.json`` (each file's size and sha256). A checkpoint is written to a temporary folder,
+flushed, renamed, and only then named in ``checkpoints/latest``: a crash mid-save leaves the last
+good checkpoint in place, and a failed write (a full disk, a read-only folder) removes its temporary folder and raises
+:class:`CheckpointWriteError` naming the folder. Every checkpoint is verified against its manifest
+before it is loaded (:func:`verify`); ``--resume`` takes the newest one that passes and says why it
+skipped the others (:func:`resume`), and deletes nothing.
 The data order is a function of the step (:meth:`dpo_lib.trainer.DPOTrainer.batch_indices`),
 so a resumed float32 run ends with bitwise the weights of an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,54 +25,118 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-__all__ = ["atomic_write_text", "latest_checkpoint", "load", "read_checkpoint", "resume", "save", "trainer_state",
-           "write_checkpoint"]
+from dpo_lib.settings import UserError
+
+__all__ = ["CheckpointWriteError", "atomic_write_text", "checkpoint_folders", "latest_checkpoint", "load",
+           "read_checkpoint", "resume", "save", "trainer_state", "verify", "write_checkpoint"]
+
+MANIFEST = "manifest.json"
+FILES = ("model.safetensors", "optimizer.pt", "trainer_state.json")
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (a full disk, a read-only folder): nothing half-written is left."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a flushed temporary file and a rename."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def latest_checkpoint(out: Path | None) -> Path | None:
-    """The checkpoint ``OUT/checkpoints/latest`` names, if it is complete; else ``None``."""
-    if out is None:
-        return None
-    pointer = Path(out) / "checkpoints" / "latest"
-    if pointer.is_file():
-        path = pointer.parent / pointer.read_text().strip()
-        if (path / "trainer_state.json").is_file():
-            return path
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(path: Path) -> str | None:
+    """Why the checkpoint ``path`` cannot be loaded (a missing, truncated or changed file, no manifest), or
+    ``None`` when every file has the size and sha256 its ``manifest.json`` says."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return f"no {MANIFEST} (the write did not finish)"
+    except (OSError, ValueError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    for name, entry in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != entry["size"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']} (truncated?)"
+        if _sha256(f) != entry["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (changed or damaged)"
     return None
 
 
-def write_checkpoint(root: Path, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Write ``root/step-N`` atomically (``N = state["step"]``), point ``latest`` at it, keep the newest ``keep``."""
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{state['step']:06d}"
-    tmp = root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+def checkpoint_folders(out: Path | None) -> list[Path]:
+    """The ``step-N`` folders of ``OUT/checkpoints``, newest first (complete or not)."""
+    root = Path(out) / "checkpoints" if out is not None else None
+    if root is None or not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+
+
+def latest_checkpoint(out: Path | None) -> Path | None:
+    """The newest checkpoint in ``OUT/checkpoints`` that passes :func:`verify`, else ``None``."""
+    return next((p for p in checkpoint_folders(out) if verify(p) is None), None)
+
+
+def _write_files(tmp: Path, model, optimizer, scheduler, state: dict) -> None:
+    """The checkpoint's files, flushed, then its manifest (sizes and sha256), written last."""
     save_model(model, str(tmp / "model.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state))
-    for f in tmp.iterdir():  # flush file contents before the rename makes them visible
-        with open(f, "rb") as fh:
+    for name in FILES:  # flush file contents before the manifest and the rename make them count
+        with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
-    final = root / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    atomic_write_text(root / "latest", name)
-    kept = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in kept[:-keep]:
+    files = {n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES}
+    atomic_write_text(tmp / MANIFEST, json.dumps({"step": state["step"], "files": files}, indent=1))
+
+
+def write_checkpoint(root: Path, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    """Write ``root/step-N`` atomically (``N = state["step"]``), point ``latest`` at it, keep the newest ``keep``
+    complete ones. A failed write removes its temporary folder, keeps every complete checkpoint and raises
+    :class:`CheckpointWriteError`; a damaged checkpoint of the same step is set aside (``damaged-step-N``)."""
+    name = f"step-{state['step']:06d}"
+    tmp, final, old = root / f".tmp-{name}", root / name, root / f".old-{name}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_files(tmp, model, optimizer, scheduler, state)
+        if final.exists():  # the same step again (Ctrl-C just after a periodic save), or a damaged one
+            os.replace(final, old if verify(final) is None else root / f"damaged-{name}")
+        os.replace(tmp, final)
+        atomic_write_text(root / "latest", name)
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot write checkpoint {name} in {root}: {e.strerror or e} "
+                                   f"(last complete checkpoint: {_name(latest_checkpoint(root.parent))})") from e
+    finally:  # whatever stopped the write (an error, a second Ctrl-C), no temporary folder stays behind
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+    kept = sorted(p for p in root.glob("step-*") if (p / MANIFEST).is_file())
+    for stale in kept[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _name(path: Path | None) -> str:
+    return path.name if path is not None else "none"
 
 
 def trainer_state(step: int, num_tokens: int, config, history: list[dict]) -> dict:
@@ -109,8 +178,21 @@ def load(trainer, path: Path) -> None:
 
 
 def resume(trainer) -> None:
-    """Continue ``trainer`` from the last checkpoint in its output folder (none: say so, start at step 0)."""
-    if (last := latest_checkpoint(trainer.out)) is None:
-        return print(f"[dpo_lib] --resume: no checkpoint in {trainer.out}, starting from step 0")
-    trainer.load_checkpoint(last)
-    print(f"[dpo_lib] resumed from {last} (step {trainer.step}/{trainer.total_steps})")
+    """Continue ``trainer`` from the newest complete checkpoint in its output folder: one that fails
+    :func:`verify` or does not load is skipped, with a line saying which and why, and left on disk;
+    none at all: say so (and why, when there were damaged ones), start at step 0."""
+    bad = []
+    for path in checkpoint_folders(trainer.out):
+        problem = verify(path)
+        if problem is None:
+            try:
+                trainer.load_checkpoint(path)
+            except Exception as e:  # noqa: BLE001 - the manifest vouched for it, yet it fails: try an older one
+                problem = f"does not load ({type(e).__name__}: {e})"
+        if problem is not None:
+            bad.append(f"{path.name}: {problem}")
+            continue
+        skipped = f"; skipped {'; '.join(bad)} (left on disk)" if bad else ""
+        return print(f"[dpo_lib] resumed from {path} (step {trainer.step}/{trainer.total_steps}){skipped}")
+    why = f": none is complete ({'; '.join(bad)}; left on disk)" if bad else ""
+    print(f"[dpo_lib] --resume: no complete checkpoint in {trainer.out}{why}; starting from step 0")

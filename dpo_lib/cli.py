@@ -5,15 +5,18 @@ Every command's flags come from a config dataclass of :mod:`dpo_lib.config` (bui
 flag ends in ``error: --FLAG: what is wrong`` and exit status 2 within a second. ``doctor``,
 ``exercises`` and ``colab`` are tools with their own flags; their arguments pass straight through.
 Errors a user can fix (:class:`dpo_lib.settings.UserError`: bad data, a missing model, a busy
-output folder) print one line and exit 2; a run stopped by a non-finite loss exits 3; Ctrl-C
-during training exits 130 after saying how to resume.
+output folder, a full disk) print one line and exit 2; a run stopped by a non-finite loss exits 3;
+Ctrl-C (SIGINT) and SIGTERM during training let the step finish, write a checkpoint when checkpoints
+are on, say how to resume and exit 130 and 143 (128 + the signal).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,7 +36,7 @@ from dpo_lib.settings import ConfigError, UserError, add_arguments, from_args
 __all__ = ["build_parser", "iterate_configs", "main", "train_configs", "with_system"]
 
 # train flags that iterate leaves out: its training pairs are sampled, and it resumes by rounds
-ITERATE_SKIP = ("dataset", "resume", "force_resume", "skip_invalid", "save_every", "keep_checkpoints")
+ITERATE_SKIP = ("dataset", "resume", "force_resume", "overwrite", "skip_invalid", "save_every", "keep_checkpoints")
 # tools with flags of their own: `python -m dpo_lib NAME ARGS...` calls MODULE.main(ARGS)
 TOOLS = {"doctor": ("dpo_lib.tools.doctor", "read a DPO run's logs (dpo_lib's or TRL's) and say what went wrong"),
          "exercises": ("dpo_lib.course.exercises", "generate exercises/ from solutions/ (or --check they are in sync)"),
@@ -90,7 +93,9 @@ def train_configs(a) -> tuple[JobConfig, TrainConfig]:
         overrides["reward"] = None
     if getattr(a, "out", None) is None and not getattr(a, "resume", False):  # --resume needs the run's own --out
         overrides["out"] = Path("runs") / time.strftime("dpo-%Y%m%d-%H%M%S")
-    return from_args(JobConfig, a, **overrides), from_args(TrainConfig, a)
+    job = from_args(JobConfig, a, **overrides)
+    job.check_out_folder()
+    return job, from_args(TrainConfig, a)
 
 
 def cmd_train(a) -> int:
@@ -128,11 +133,11 @@ def cmd_iterate(a) -> int:
     _threads(job.threads)
     try:
         summaries = iterate(job.out, settings, job, config)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         done = finished_rounds(job.out)
         print(f"\ninterrupted in round {done + 1}; {done} rounds finished in {job.out}. Re-run the same command to "
               f"continue at round {done + 1}.", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)
     keys = ["pairs", "heldout_accuracy_after", "reward_gain", "reward_gain_se", "kl_to_start", "judge_gain"]
     print("\nSummary (" + str(job.out / "summary.json") + ")\n  round " + " ".join(f"{k:>22}" for k in keys))
     for s in summaries:
@@ -260,17 +265,52 @@ COMMANDS = {"train": cmd_train, "iterate": cmd_iterate, "pairs": cmd_pairs, "len
             "validate": cmd_validate, "bench": cmd_bench, **{name: None for name in TOOLS}}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop (which finishes its step first): stop as Ctrl-C would, exit 143."""
+
+    signum = signal.SIGTERM
+
+
+def _on_sigterm(_signum, _frame):
+    raise Terminated("SIGTERM")
+
+
+def _catch_sigterm() -> None:
+    """SIGTERM (a scheduler, ``docker stop``) stops the command as Ctrl-C does, not silently; the training loop
+    defers it to the end of its step (:func:`dpo_lib.trainer.deferred_sigint`). Main thread only."""
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:
+        pass
+
+
 def _interrupted(e) -> int:
     from dpo_lib.trainer import TrainingInterrupted
+    signum = getattr(e, "signum", signal.SIGINT)
+    how = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
     if isinstance(e, TrainingInterrupted) and e.checkpoint is not None:
-        print(f"\ninterrupted after step {e.step}; checkpoint {e.checkpoint}. Resume with the same command "
+        print(f"\ninterrupted after step {e.step}{how}; checkpoint {e.checkpoint}. Resume with the same command "
               "and --resume.", file=sys.stderr)
     elif isinstance(e, TrainingInterrupted):
-        print(f"\ninterrupted after step {e.step}; no checkpoint (train with --save-every N to be able to "
+        print(f"\ninterrupted after step {e.step}{how}; no checkpoint (train with --save-every N to be able to "
               "resume)", file=sys.stderr)
     else:
-        print("\ninterrupted", file=sys.stderr)
-    return 130
+        print(f"\ninterrupted{how}", file=sys.stderr)
+    return 128 + signum
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG, errno.EISDIR,
+                errno.ENOTDIR, errno.EEXIST}
+
+
+def _os_error(e: OSError) -> int:
+    """A full disk, a read-only folder, a file in the way: one line naming the path, exit 2; else a bug."""
+    if e.errno not in WRITE_ERRORS:
+        raise e
+    where = f": {e.filename}" if e.filename else ""
+    print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+    return 2
 
 
 def _run_tool(name: str, argv: list[str]) -> int:
@@ -286,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run_tool(args.command, argv[argv.index(args.command) + 1:])
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _catch_sigterm()
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt as e:
@@ -293,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        return _os_error(e)
     except Exception as e:  # a non-finite loss: exit 3 with its one-line message; anything else is a bug
         from dpo_lib.trainer import NonFiniteError
         if not isinstance(e, NonFiniteError):

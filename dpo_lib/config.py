@@ -25,6 +25,7 @@ from dpo_lib.settings import (
     at_least,
     in_range,
     input_file,
+    one_of,
     optional,
     output_file,
     positive,
@@ -34,8 +35,9 @@ from dpo_lib.settings import (
 )
 
 __all__ = ["DEFAULT_TEST", "DEFAULT_TEST_PROMPTS", "DEFAULT_TRAIN", "JUDGES", "PRECISIONS", "REFERENCE_MODES",
-           "REPO_DATA", "SCHEDULES", "IterateConfig", "JobConfig", "LengthsConfig", "ModelConfig", "PairsConfig",
-           "SamplingConfig", "TrainConfig", "ValidateConfig", "BenchConfig", "with_loss_params"]
+           "REPO_DATA", "RUN_FILES", "RUN_FOLDERS", "SCHEDULES", "IterateConfig", "JobConfig", "LengthsConfig",
+           "ModelConfig", "PairsConfig", "SamplingConfig", "TrainConfig", "ValidateConfig", "BenchConfig",
+           "model_source", "same_file", "with_loss_params"]
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_TRAIN = REPO_DATA / "sentiment" / "train.jsonl"
@@ -45,6 +47,38 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")        # dpo_lib.precision
 JUDGES = ("sentiment",)            # judges available offline by name (dpo_lib.rewards.REWARDS); others via the API
 REFERENCE_MODES = ("initial", "previous")
+# what a train run writes in --out: folders, then files (dpo_lib.recipes.train)
+RUN_FOLDERS = ("final", "checkpoints", "cache")
+RUN_FILES = ("run_card.json", "summary.json", "metrics.jsonl", "samples.md")
+
+
+def model_source(v) -> str | None:
+    """A model folder with its config and weights (``config.json`` + ``*.safetensors``), or a hub id."""
+    p = Path(str(v)).expanduser()
+    if p.is_dir():
+        missing = [w for w, ok in (("config.json", (p / "config.json").is_file()),
+                                   ("*.safetensors", any(p.glob("*.safetensors")))) if not ok]
+        return f"{p} is a folder without model weights (no {' or '.join(missing)})" if missing else None
+    if p.exists():
+        return f"{p} is a file; expected a model folder (config.json + *.safetensors) or a hub id"
+    return None  # a hub id, or a folder that does not exist: the loader says which it tried
+
+
+def _busy(out: Path) -> bool:
+    """Whether a live run holds ``out``'s lock (:func:`dpo_lib.recipes.run.claim_folder`)."""
+    import fcntl
+    if not (out / ".lock").is_file():
+        return False
+    with open(out / ".lock") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
+def same_file(a, b) -> bool:
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
 
 def with_loss_params(cls):
@@ -110,7 +144,7 @@ class ModelConfig(Checked):
     """The model flags every command that loads a model shares."""
 
     model: str | None = setting(None, "a folder with config.json + *.safetensors, or a hub id (online); "
-                                "default: the embedded SmolLM2-135M-Instruct")
+                                "default: the embedded SmolLM2-135M-Instruct", optional(model_source))
     trust_remote_code: bool = setting(False, "allow model code from the hub (off unless you ask)")
     threads: int | None = setting(None, "torch CPU threads (default: all cores)", optional(at_least(1)))
 
@@ -122,7 +156,8 @@ class JobConfig(ModelConfig):
     dataset: Path = setting(DEFAULT_TRAIN, "training pairs, JSONL, or a hub dataset the converters know "
                             "(online: hh-rlhf, ultrafeedback, ultrafeedback-argilla, helpsteer3)", input_file)
     eval_dataset: Path | None = setting(DEFAULT_TEST, "held-out pairs, JSONL", optional(readable_file))
-    reward: str | None = setting("sentiment", "ground-truth reward of sampled answers ('none' to skip)")
+    reward: str | None = setting("sentiment", "ground-truth reward of sampled answers ('none' to skip)",
+                                 optional(one_of(("none", *JUDGES))))
     out: Path | None = setting(None, "output folder (default: runs/dpo-TIMESTAMP)", optional(writable_folder))
     max_length: int = setting(160, "tokens per prompt + response", at_least(2))
     max_prompt_length: int = setting(64, "prompt tokens kept (from the end)", optional(at_least(1)))
@@ -136,6 +171,8 @@ class JobConfig(ModelConfig):
     capability: bool = setting(True, "measure the alignment tax before and after (general_nll, "
                                "instruction_following: dpo_lib.capability; ~30 s each on 2 CPU cores)")
     resume: bool = setting(False, "continue from the last checkpoint in --out")
+    overwrite: bool = setting(False, "start over in an --out that holds a run: its final model, checkpoints, "
+                              "metrics and summary are deleted first")
     force_resume: bool = setting(False, "with --resume: continue even if settings differ from the run card")
 
     def check_combinations(self) -> None:
@@ -144,6 +181,25 @@ class JobConfig(ModelConfig):
                               f"(got {self.max_prompt_length})")
         if self.resume and self.out is None:
             raise ConfigError("resume", "needs the --out folder of the run to continue")
+        if self.resume and self.overwrite:
+            raise ConfigError("overwrite", "and --resume contradict each other: choose one")
+
+    def check_out_folder(self) -> None:
+        """``train``'s output folder, before anything is loaded: what the run will write there is not in the way
+        (a file where a folder goes, or the reverse), and a run already there is continued (``--resume``) or
+        replaced (``--overwrite``), never overwritten by accident."""
+        out = Path(self.out)
+        for name in RUN_FOLDERS:
+            if (out / name).exists() and not (out / name).is_dir():
+                raise ConfigError("out", f"{out / name} is a file, where the run writes a folder; move it away")
+        for name in RUN_FILES:
+            if (out / name).is_dir():
+                raise ConfigError("out", f"{out / name} is a folder, where the run writes a file; move it away")
+        held = [n for n in ("summary.json", "run_card.json", "final", "checkpoints") if (out / n).exists()]
+        if held and not (self.resume or self.overwrite or _busy(out)):  # a live run: the run layer names its pid
+            what = "a finished run" if (out / "summary.json").exists() else "a run"
+            raise ConfigError("out", f"{out} holds {what} ({', '.join(held)}): --resume to continue it, "
+                              "--overwrite to start over (deleting it), or another --out")
 
 
 @dataclass
@@ -205,7 +261,7 @@ class PairsConfig(ModelConfig, SamplingConfig):
         if self.temperature <= 0:
             raise ConfigError("temperature", f"must be > 0: greedy answers to one prompt are all the same "
                               f"(got {self.temperature})")
-        if Path(self.out).resolve() == Path(self.prompts).resolve():
+        if same_file(self.out, self.prompts):
             raise ConfigError("out", f"is the --prompts file {self.prompts}: writing would overwrite the prompts")
 
 
@@ -219,6 +275,11 @@ class LengthsConfig(ModelConfig, SamplingConfig):
     system: str | None = setting(None, "a system message put before every (conversational) prompt, replacing the "
                                  "prompt's own")
     json: Path | None = setting(None, "also write the profile to this JSON file", optional(output_file))
+
+    def check_combinations(self) -> None:
+        super().check_combinations()
+        if same_file(self.json, self.prompts):
+            raise ConfigError("json", f"is the --prompts file {self.prompts}: writing would overwrite the prompts")
 
 
 @dataclass
@@ -237,7 +298,8 @@ class BenchConfig(Checked):
 
     vs: str = setting("trl", "what to compare with", choices=("trl",))
     json: Path | None = setting(None, "write the results to this JSON file", optional(output_file))
-    model: str | None = setting(None, "model folder (default: the embedded SmolLM2-135M-Instruct)")
+    model: str | None = setting(None, "model folder (default: the embedded SmolLM2-135M-Instruct)",
+                                optional(model_source))
     dataset: Path | None = setting(None, "preference JSONL (default: data/sentiment/train.jsonl, else "
                                    "data/assistant/train.jsonl)", optional(readable_file))
     # the first step of each run is a warm-up, not timed
@@ -257,6 +319,8 @@ class BenchConfig(Checked):
                                        "on the CPU)", optional(positive))
 
     def check_combinations(self) -> None:
+        if same_file(self.json, self.dataset):
+            raise ConfigError("json", f"is the --dataset file {self.dataset}: writing would overwrite the data")
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ConfigError("micro_batch_size", f"must divide --batch-size {self.batch_size} "
                               f"(got {self.micro_batch_size})")

@@ -134,7 +134,12 @@ def run(root: Path = ROOT, check: bool = False) -> list[Path]:
     stale = []
     for path in targets(root):
         text = path.read_text()
-        new = _dump(update_notebook(json.loads(text), url, str(path.relative_to(root))))
+        try:
+            nb = json.loads(text)
+        except ValueError as e:
+            raise SystemExit(f"error: {path}: not a readable notebook ({e}); restore it with `git checkout -- "
+                             f"{path.relative_to(root)}` (or repair it), then run `python -m dpo_lib colab`") from e
+        new = _dump(update_notebook(nb, url, str(path.relative_to(root))))
         if new != text:
             stale.append(path)
             if not check:
@@ -163,16 +168,34 @@ def foreign_links(root: Path = ROOT) -> list[str]:
     return problems
 
 
+def _checkout(root: Path) -> str | None:
+    """Why ``root`` is not a checkout of the course (its files are what this tool reads and writes), or None."""
+    missing = [n for n in ("pyproject.toml", "README.md", "notebooks", "solutions") if not (root / n).exists()]
+    if missing:
+        return (f"{root} is not a checkout of the course (no {', '.join(missing)}): run this from a clone of the "
+                "repository (pip install -e . there), or pass --root")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dpo_lib colab", description=__doc__.split("\n\n")[0])
-    p.add_argument("--check", action="store_true", help="only report out-of-date files (exit 1 if any)")
+    p.add_argument("--check", action="store_true", help="only report out-of-date files and Colab links to missing "
+                   "notebooks (exit 1 if any)")
+    p.add_argument("--root", type=Path, default=ROOT, help="the checkout (default: the one dpo_lib is imported from)")
     a = p.parse_args(argv)
-    stale = run(check=a.check)
+    root = a.root.resolve()
+    if (problem := _checkout(root)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    stale = run(root, check=a.check)
     for path in stale:
-        print(f"{'out of date' if a.check else 'updated'}: {path.relative_to(ROOT)}")
-    if not stale:
-        print(f"badges, links and install cells match {repo_url()}")
-    return 1 if a.check and stale else 0
+        print(f"{'out of date' if a.check else 'updated'}: {path.relative_to(root)}: run `python -m dpo_lib colab`")
+    broken = [x for x in foreign_links(root) if "Colab link to" in x] if a.check else []
+    for line in broken:
+        print(f"{line}: restore the notebook (`git checkout -- NOTEBOOK`) or correct the link")
+    if not stale and not broken:
+        print(f"badges, links and install cells match {repo_url(root)}")
+    return 1 if a.check and (stale or broken) else 0
 
 
 if __name__ == "__main__":

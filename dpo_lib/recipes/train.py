@@ -21,6 +21,7 @@ run card of the run it continues.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -46,6 +47,7 @@ from dpo_lib.recipes.run import (
     write_json,
 )
 from dpo_lib.reference import precompute_reference_logps
+from dpo_lib.settings import UserError
 from dpo_lib.trainer import DPOTrainer
 
 __all__ = ["RESUME_FREE", "load_training_pairs", "prepare", "run"]
@@ -53,7 +55,7 @@ __all__ = ["RESUME_FREE", "load_training_pairs", "prepare", "run"]
 # settings that do not change the trained weights: a resume may change them freely
 RESUME_FREE = {"print_every", "save_every", "keep_checkpoints", "out", "resume", "force_resume", "threads",
                "eval_every", "eval_samples", "max_eval_prompts", "max_new_tokens", "reward", "eval_dataset",
-               "skip_invalid"}
+               "skip_invalid", "overwrite"}
 CARD_KEYS = {"data_sha256_16": "the training data", "model_fingerprint": "the model"}
 
 
@@ -69,10 +71,18 @@ def load_training_pairs(job: JobConfig) -> list[dict]:
     return rows
 
 
+def _enough(n: int, config: TrainConfig, what: str) -> None:
+    """Refuse training pairs that cannot fill one optimizer step."""
+    if n < config.batch_size:
+        raise UserError(f"--dataset: {what} {n} pairs, fewer than one batch of --batch-size {config.batch_size}; "
+                        "use more pairs or a smaller --batch-size")
+
+
 def _training_features(s: Setup, job: JobConfig, rows: list[dict], cache: Path) -> tuple[list[dict], str]:
     """The tokenized training pairs, with their reference log-probs when the loss reads them (cached)."""
     features, stats = tokenize_rows(s.tokenizer, rows, job.max_length, job.max_prompt_length)
     print(f"[dpo_lib] train: {stats.summary()}")
+    _enough(len(features), s.config, f"{job.dataset} keeps, after tokenizing to --max-length {job.max_length},")
     if needs_reference(s.config.loss_type):  # simpo and orpo never read them; the held-out ones are still needed
         with autocast(s.config.precision):
             features = precompute_reference_logps(s.reference, features, s.tokenizer.pad_token_id, cache_dir=cache,
@@ -84,6 +94,7 @@ def prepare(job: JobConfig, config: TrainConfig, out: Path) -> tuple[Setup, list
     """The run's set-up (:func:`dpo_lib.recipes.run.start`), its tokenized training pairs (with reference
     log-probs when the loss reads them, cached in ``OUT/cache``) and its run card."""
     rows = load_training_pairs(job)
+    _enough(len(rows), config, f"{job.dataset} has")  # before the model is loaded
     s = start(replace(job, eval_dataset=None), config)
     features, tokenized = _training_features(s, job, rows, out / "cache")
     s = heldout(s, job, cache_dir=out / "cache")
@@ -98,6 +109,8 @@ def run(out: Path, job: JobConfig | None = None, config: TrainConfig | None = No
     t_start = time.perf_counter()
     lock = claim_folder(out)
     try:
+        if job.overwrite:
+            _clear(out)
         s, features, card = prepare(job, config, out)
         if job.resume:
             check_card(out, card, ("config", "job"), RESUME_FREE, CARD_KEYS, job.force_resume,
@@ -147,11 +160,30 @@ def _train(s: Setup, features: list[dict], out: Path, resume: bool, eval_every: 
     return history, seconds, final
 
 
+def _clear(out: Path) -> None:
+    """``--overwrite``: delete what a previous run wrote in ``out`` (the reference log-prob cache stays)."""
+    from dpo_lib.config import RUN_FILES
+    for name in ("final", "checkpoints"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    print(f"[dpo_lib] --overwrite: deleted the previous run in {out}")
+
+
+def _save_final(final: Path, s: Setup) -> None:
+    """The trained weights and tokenizer in ``final``; a save that fails, or leaves no weights, is an error."""
+    try:
+        s.model.save_pretrained(final, safe_serialization=True)
+        s.tokenizer.save_pretrained(final)
+    except OSError as e:
+        raise UserError(f"cannot write the final model in {final}: {e.strerror or e}") from e
+    if not any(final.glob("*.safetensors")):
+        raise UserError(f"the final model was not saved in {final} (no *.safetensors there)")
+
+
 def _write_outputs(out: Path, s: Setup, before: dict, after: dict, history: list[dict], summary: dict,
                    card: dict) -> None:
-    final = out / "final"
-    s.model.save_pretrained(final, safe_serialization=True)
-    s.tokenizer.save_pretrained(final)
+    _save_final(out / "final", s)
     if "samples" in before:
         prompts = [prompt_text(s.eval_prompts[x["prompt_index"]]) for x in before["samples"]]
         table = side_by_side(prompts, [x["text"] for x in before["samples"]], [x["text"] for x in after["samples"]],
