@@ -1,6 +1,6 @@
 """The graders of issue 37, fed the way a learner writes answers: correct answers written differently (loops, other
 ops, equivalent algebra) pass; wrong answers written out here (not taken from the graders' lists) fail with the hint
-that names the mistake. ``tests/test_grading.py`` also runs each grader's reference and every listed mistake."""
+that names the mistake. ``tests/course/test_graders.py`` also runs each grader's reference and every listed mistake."""
 
 import itertools
 import math

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dpo_lib.course import colab
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cells(path: Path) -> list[dict]:

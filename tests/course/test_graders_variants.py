@@ -1,6 +1,6 @@
 """Graders of exercises 06 and 07, fed the way a learner writes them: a correct answer passes, and each wrong
 answer (written out here, not taken from the graders' own list of mistakes) fails with the hint that names it.
-``tests/test_grading.py`` also runs every grader's reference and every one of its listed mistakes."""
+``tests/course/test_graders.py`` also runs every grader's reference and every one of its listed mistakes."""
 
 import pytest
 import torch
