@@ -36,7 +36,8 @@ from dpo_lib.settings import ConfigError, UserError, add_arguments, from_args
 __all__ = ["build_parser", "iterate_configs", "main", "train_configs", "with_system"]
 
 # train flags that iterate leaves out: its training pairs are sampled, and it resumes by rounds
-ITERATE_SKIP = ("dataset", "resume", "force_resume", "overwrite", "skip_invalid", "save_every", "keep_checkpoints")
+ITERATE_SKIP = ("dataset", "resume", "force_resume", "overwrite", "skip_invalid", "save_every", "keep_checkpoints",
+                "capability")
 # tools with flags of their own: `python -m dpo_lib NAME ARGS...` calls MODULE.main(ARGS)
 TOOLS = {"doctor": ("dpo_lib.tools.doctor", "read a DPO run's logs (dpo_lib's or TRL's) and say what went wrong"),
          "exercises": ("dpo_lib.course.exercises", "generate exercises/ from solutions/ (or --check they are in sync)"),
@@ -106,7 +107,9 @@ def cmd_train(a) -> int:
     _threads(job.threads)
     summary = run(job.out, job, config)
     keys = ["heldout_accuracy_before", "heldout_accuracy_after", "reward_before", "reward_after", "reward_gain",
-            "reward_gain_se", "win_rate", "kl_to_reference", "train_seconds", "tokens_per_second", "total_seconds"]
+            "reward_gain_se", "win_rate", "kl_to_reference", "general_nll_change", "general_nll_change_se",
+            "instruction_following_change", "instruction_following_change_se", "train_seconds", "tokens_per_second",
+            "total_seconds"]
     print("\nSummary (" + str(job.out / "summary.json") + ")")
     for k in keys:
         if k in summary:

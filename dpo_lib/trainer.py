@@ -7,9 +7,9 @@ cache or a frozen model under ``no_grad`` (:mod:`dpo_lib.reference`; none for th
 reference-free ``simpo`` and ``orpo``), the loss of :func:`dpo_lib.losses.dpo_loss`, backward.
 Then clip, step, schedule.
 
-Metrics use TRL's names (``loss``, ``rewards/chosen``, ``rewards/accuracies``, ``logps/chosen`` …); :class:`dpo_lib.logger.MetricsLogger` writes one JSON
-line per step to ``OUT/metrics.jsonl`` and prints the table; :mod:`dpo_lib.checkpoints` writes
-and reads the resumable checkpoints. The settings and their defaults are
+Metrics use TRL's names (``loss``, ``rewards/chosen``, ``rewards/accuracies``, ``logps/chosen`` …);
+:class:`dpo_lib.logger.MetricsLogger` writes one JSON line per step to ``OUT/metrics.jsonl`` and prints
+the table; :mod:`dpo_lib.checkpoints` writes and reads the resumable checkpoints. The settings and their defaults are
 :class:`dpo_lib.config.TrainConfig`.
 
 Speed (on by default; same maths, fewer FLOPs — see ``python -m dpo_lib bench``):

@@ -65,8 +65,8 @@ def test_write_checkpoint_keeps_the_newest_and_points_latest(tmp_path):
     assert (root / "latest").read_text() == "step-000003"
     assert latest_checkpoint(tmp_path) == root / "step-000003"
     assert json.loads((root / "step-000003" / "trainer_state.json").read_text()) == {"step": 3}
-    assert sorted(p.name for p in (root / "step-000003").iterdir()) == ["model.safetensors", "optimizer.pt",
-                                                                       "trainer_state.json"]
+    assert sorted(p.name for p in (root / "step-000003").iterdir()) == ["manifest.json", "model.safetensors",
+                                                                       "optimizer.pt", "trainer_state.json"]
 
 
 def test_latest_checkpoint_ignores_missing_and_incomplete(tmp_path):

@@ -73,7 +73,7 @@ from dpo_lib.trainer import DPOTrainer
 __all__ = ["ITERATE_FREE", "IterationError", "branch", "finished_rounds", "iterate", "round_dir", "sample_seed"]
 
 # settings a re-run may change: they change no round's result (rounds: a longer run continues)
-ITERATE_FREE = {"print_every", "threads", "out", "rounds", "prompts", "eval_dataset", "save_every",
+ITERATE_FREE = {"print_every", "threads", "out", "rounds", "prompts", "eval_dataset", "save_every", "capability",
                 "keep_checkpoints"}
 ROUND_1_FREE = {"reference"}  # settings round 1 does not read: its reference is the starting model in both modes
 CARD_KEYS = {"data_sha256_16": "the training data", "model_fingerprint": "the model", "judge": "the judge",

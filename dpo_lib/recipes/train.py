@@ -55,7 +55,7 @@ __all__ = ["RESUME_FREE", "load_training_pairs", "prepare", "run"]
 # settings that do not change the trained weights: a resume may change them freely
 RESUME_FREE = {"print_every", "save_every", "keep_checkpoints", "out", "resume", "force_resume", "threads",
                "eval_every", "eval_samples", "max_eval_prompts", "max_new_tokens", "reward", "eval_dataset",
-               "skip_invalid", "overwrite"}
+               "skip_invalid", "capability", "overwrite"}
 CARD_KEYS = {"data_sha256_16": "the training data", "model_fingerprint": "the model"}
 
 
@@ -121,19 +121,41 @@ def run(out: Path, job: JobConfig | None = None, config: TrainConfig | None = No
         t0 = time.perf_counter()
         before = evaluate(s, job, reward_fn, with_kl=False)
         timings["evaluate_before"] = time.perf_counter() - t0
+        tax_before = _capability(s, job, timings, "capability_before")
         history, train_seconds, final_accuracy = _train(s, features, out, job.resume, job.eval_every)
         t0 = time.perf_counter()
         after = evaluate(s, job, reward_fn, with_kl=True, accuracy=final_accuracy)
         timings["evaluate_after"] = time.perf_counter() - t0
+        tax = _tax(tax_before, _capability(s, job, timings, "capability_after"))
         summary = {"model": job.model or "SmolLM2-135M-Instruct (embedded)", "dataset": str(job.dataset),
                    "train_pairs": len(features), "heldout_pairs": len(s.eval_features),
-                   "config": asdict(s.config), **summarize(before, after), **_speed(history, train_seconds)}
+                   "config": asdict(s.config), **summarize(before, after), **tax, **_speed(history, train_seconds)}
         summary["total_seconds"] = time.perf_counter() - t_start
         summary["phase_seconds"] = {**timings, "train": train_seconds}
         _write_outputs(out, s, before, after, history, summary, card)
         return summary
     finally:
         lock.close()
+
+
+def _capability(s: Setup, job: JobConfig, timings: dict, phase: str) -> dict | None:
+    """The alignment-tax measures (:func:`dpo_lib.capability.measure`) of the model as it is now, timed."""
+    if not job.capability:
+        return None
+    from dpo_lib.capability import measure
+    t0 = time.perf_counter()
+    with autocast(s.config.precision):
+        result = measure(s.model, s.tokenizer, device=s.model.device, seed=s.config.seed)
+    timings[phase] = time.perf_counter() - t0
+    return result
+
+
+def _tax(before: dict | None, after: dict | None) -> dict:
+    """``general_nll_*`` and ``instruction_following_*``: before, after, paired change and its SE."""
+    if before is None:
+        return {}
+    from dpo_lib.capability import paired_change
+    return paired_change(before, after)
 
 
 def _reward(job: JobConfig):
