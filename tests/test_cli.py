@@ -83,6 +83,14 @@ def test_train_writes_every_artifact(tiny_setup, precision):
     assert [m["step"] for m in lines if "eval/accuracy" in m] == [4, 6]
     assert summary["heldout_accuracy_after"] == lines[-1]["eval/accuracy"]
     assert "| heldout_accuracy" in res.stdout
+    # the alignment tax (dpo_lib.capability), before and after, paired per example
+    for name in ("general_nll", "instruction_following"):
+        for part in ("before", "after", "change", "change_se"):
+            assert isinstance(summary[f"{name}_{part}"], float), (name, part)
+        assert summary[f"{name}_change"] == pytest.approx(summary[f"{name}_after"] - summary[f"{name}_before"])
+    assert summary["general_nll_after"] != summary["general_nll_before"]  # lr 1e-3 moved the tiny model's text NLL
+    assert set(summary["phase_seconds"]) >= {"capability_before", "capability_after", "train"}
+    assert "general_nll_change" in res.stdout
     card = json.loads((out / "run_card.json").read_text())
     assert card["seed"] == 0 and len(card["data_sha256_16"]) == 16 and "torch" in card["versions"]
     assert card["config"]["precision"] == precision
