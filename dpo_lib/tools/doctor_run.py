@@ -1,0 +1,65 @@
+"""The run the doctor reads: :class:`Run` (a DPO run's logged steps, held-out points, settings) and
+the helpers every part of ``python -m dpo_lib doctor`` reads its curves with.
+
+A :class:`Run` is built from files by :func:`dpo_lib.tools.doctor.read_run` (a ``dpo_lib`` run folder
+or a TRL ``trainer_state.json``) or from a trainer's in-memory history by
+:func:`dpo_lib.tools.doctor.run_from_history`; :func:`dpo_lib.tools.doctor_checks.diagnose` checks it.
+Metric names are TRL's (``loss``, ``rewards/chosen``, ``rewards/margins``, ``rewards/accuracies``,
+``grad_norm``, ``epoch`` …), one dict per logged step with its ``step``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["Run", "finite", "mean_se", "series", "span", "tail"]
+
+
+@dataclass
+class Run:
+    """A DPO run's logs: ``train`` holds one dict per logged step (TRL's metric names and ``step``),
+    ``eval`` the held-out points ``{"step", "accuracy", "accuracy_se"?, "margin"?}``, ``config`` what is
+    known of the settings (``beta``, ``loss_type``, ``epochs``), ``summary`` a dpo_lib ``summary.json``."""
+    source: str
+    path: str
+    train: list[dict]
+    eval: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def beta(self) -> float | None:
+        return self.config.get("beta")
+
+    @property
+    def loss_type(self) -> str | None:
+        return self.config.get("loss_type")
+
+
+def finite(v) -> bool:
+    """A real, finite number (not a bool, not NaN or inf)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def series(run: Run, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of ``key`` over the logged training steps, finite values only."""
+    return [(r["step"], float(r[key])) for r in run.train if finite(r.get(key))]
+
+
+def tail(s: list) -> list:
+    """The last quarter of a series (at least 3 points, or all of a shorter one): the run's end state."""
+    return s[-max(3, len(s) // 4):]
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error (0 for a single value)."""
+    n = len(values)
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return m, sd / math.sqrt(n)
+
+
+def span(s: list) -> str:
+    """``steps FIRST–LAST`` of a ``(step, value)`` series."""
+    return f"steps {s[0][0]}–{s[-1][0]}"
