@@ -27,8 +27,8 @@ from safetensors.torch import load_model, save_model
 
 from dpo_lib.settings import UserError
 
-__all__ = ["CheckpointWriteError", "atomic_write_text", "checkpoint_folders", "latest_checkpoint", "load",
-           "read_checkpoint", "resume", "save", "trainer_state", "verify", "write_checkpoint"]
+__all__ = ["CheckpointWriteError", "atomic_write_text", "checkpoint_folders", "file_sha256", "latest_checkpoint",
+           "load", "read_checkpoint", "resume", "save", "trainer_state", "verify", "write_checkpoint"]
 
 MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "optimizer.pt", "trainer_state.json")
@@ -52,7 +52,8 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (checkpoint manifests, the model cache)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -75,7 +76,7 @@ def verify(path: Path) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != entry["size"]:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']} (truncated?)"
-        if _sha256(f) != entry["sha256"]:
+        if file_sha256(f) != entry["sha256"]:
             return f"{name} does not match its sha256 in the manifest (changed or damaged)"
     return None
 
@@ -102,7 +103,7 @@ def _write_files(tmp: Path, model, optimizer, scheduler, state: dict) -> None:
     for name in FILES:  # flush file contents before the manifest and the rename make them count
         with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
-    files = {n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in FILES}
+    files = {n: {"size": (tmp / n).stat().st_size, "sha256": file_sha256(tmp / n)} for n in FILES}
     atomic_write_text(tmp / MANIFEST, json.dumps({"step": state["step"], "files": files}, indent=1))
 
 

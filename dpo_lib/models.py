@@ -16,7 +16,6 @@ stays off unless the caller asks for it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dpo_lib.checkpoints import file_sha256
 from dpo_lib.settings import UserError
 
 __all__ = ["DEFAULT_MODEL", "GGUF_FILE", "GGUF_PACKAGE", "GGUF_WHEEL", "INSTALL_HINT", "MANIFEST",
@@ -56,17 +56,9 @@ def default_cache_dir() -> Path:
     return cache_root() / "SmolLM2-135M-Instruct"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path, source: str) -> None:
     """Record the SHA-256 of every file in ``folder`` so later loads can verify it."""
-    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     (folder / MANIFEST).write_text(json.dumps({"source": source, "sha256": files}, indent=1))
 
 
@@ -80,7 +72,7 @@ def verify_manifest(folder: Path) -> bool:
     except (ValueError, KeyError):
         return False
     return bool(recorded) and all(
-        (folder / name).is_file() and _sha256(folder / name) == digest for name, digest in recorded.items()
+        (folder / name).is_file() and file_sha256(folder / name) == digest for name, digest in recorded.items()
     )
 
 
@@ -119,7 +111,7 @@ def convert_gguf_to_cache(gguf: Path, cache: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp-", dir=cache.parent))
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    write_manifest(tmp, source=f"{GGUF_WHEEL}:{GGUF_FILE} sha256={_sha256(gguf)}")
+    write_manifest(tmp, source=f"{GGUF_WHEEL}:{GGUF_FILE} sha256={file_sha256(gguf)}")
     if cache.exists():
         shutil.rmtree(cache)
     os.replace(tmp, cache)

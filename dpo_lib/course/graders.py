@@ -47,7 +47,7 @@ from dpo_lib.course.graders_lm import (  # noqa: F401 (lessons 02 and 03: the ch
     reference_split_prompt_completion,
 )
 from dpo_lib.course.graders_logprobs import *  # noqa: F401,F403
-from dpo_lib.course.graders_logprobs import LOGPROB_GRADERS
+from dpo_lib.course.graders_logprobs import LOGPROB_GRADERS, right_padded_batch
 from dpo_lib.course.graders_noise import *  # noqa: F401,F403
 from dpo_lib.course.graders_noise import NOISE_GRADERS
 from dpo_lib.course.graders_ppo import *  # noqa: F401,F403
@@ -108,14 +108,7 @@ def _accuracy_case(g: torch.Generator, k: int) -> tuple:
 
 def _sequence_case(g: torch.Generator, k: int) -> tuple:
     """Right-padded prompt+completion batch: mask = 1 on completion tokens only."""
-    B, T, V = (2, 3, 1, 4, 2, 3)[k % 6], 7 + k, 5 + 2 * k
-    logits = 3 * torch.randn(B, T, V, generator=g)
-    input_ids = torch.randint(0, V, (B, T), generator=g)
-    prompt_len = torch.randint(1, T - 3, (B,), generator=g)
-    total = torch.minimum(prompt_len + torch.randint(2, T, (B,), generator=g), torch.tensor(T))
-    pos = torch.arange(T)
-    mask = ((pos >= prompt_len[:, None]) & (pos < total[:, None])).long()
-    return logits, input_ids, mask
+    return right_padded_batch(g, (2, 3, 1, 4, 2, 3)[k % 6], 7 + k, 5 + 2 * k)
 
 
 def _mask_case(g: torch.Generator, k: int) -> tuple:

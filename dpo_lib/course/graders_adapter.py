@@ -8,13 +8,12 @@ autograd was on during a forward and whether the adapter is on again afterwards 
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Callable
 
 import torch
 
-from dpo_lib.course.graders_lm import _clone_batch, _GradModeProbe, _pair_batch, _pair_of_logps, _tiny_lm
+from dpo_lib.course.graders_lm import _pair_batch, _tiny_lm, _tracked_logps
 from dpo_lib.course.grading_engine import HarnessGrader, Mistake, _Case
 from dpo_lib.logprobs import concatenated_forward
 
@@ -44,17 +43,11 @@ def reference_adapter_reference(model, batch):
 
 
 def _run_adapter(fn: Callable, case: _Case) -> tuple:
-    model = copy.deepcopy(case.model)
-    probe = _GradModeProbe(model)
-    try:
-        chosen, rejected = _pair_of_logps(fn(model, _clone_batch(case.batch)), "adapter_reference")
-    finally:
-        tracked = probe.close()
-    tracked = tracked or any(isinstance(t, torch.Tensor) and t.requires_grad for t in (chosen, rejected))
+    chosen, rejected, tracked, model = _tracked_logps(fn, case, "adapter_reference")
     with torch.no_grad():
         after = torch.cat(concatenated_forward(model, case.batch))
         policy = torch.cat(concatenated_forward(case.model, case.batch))
-    return chosen, rejected, float(tracked), float(torch.allclose(after, policy, atol=1e-5))
+    return chosen, rejected, tracked, float(torch.allclose(after, policy, atol=1e-5))
 
 
 def _with_adapter(model, batch):

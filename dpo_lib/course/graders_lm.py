@@ -20,6 +20,7 @@ from dpo_lib.course.grading_engine import (
     _Case,
     _describe,
     _gather,
+    _GradModeProbe,
     probe_weights,
 )
 from dpo_lib.logprobs import concatenated_forward, sequence_logprobs
@@ -221,33 +222,26 @@ CONCATENATED_MISTAKES = [
 
 
 # --------------------------------------------------------------------------- the frozen reference
-class _GradModeProbe:
-    """Records whether autograd was on during each forward of ``model``."""
-
-    def __init__(self, model):
-        self.grad_enabled: list[bool] = []
-        self.handle = model.register_forward_pre_hook(lambda *_: self.grad_enabled.append(torch.is_grad_enabled()))
-
-    def close(self) -> bool:
-        self.handle.remove()
-        return any(self.grad_enabled)
-
-
 def reference_reference_logps(ref_model, batch):
     """The reference's ``(chosen_logps, rejected_logps)``, computed under ``torch.no_grad()``."""
     with torch.no_grad():
         return concatenated_forward(ref_model, batch)
 
 
-def _run_reference(fn: Callable, case: _Case) -> tuple:
-    model = copy.deepcopy(case.model)  # parameters require grad, as in a plain copy of the policy
+def _tracked_logps(fn: Callable, case: _Case, name: str) -> tuple:
+    """The learner's log-probs on a copy of the case's model (which requires grad), whether autograd tracked them."""
+    model = copy.deepcopy(case.model)
     probe = _GradModeProbe(model)
     try:
-        chosen, rejected = _pair_of_logps(fn(model, _clone_batch(case.batch)), "reference_logps")
+        chosen, rejected = _pair_of_logps(fn(model, _clone_batch(case.batch)), name)
     finally:
         tracked = probe.close()
     tracked = tracked or any(isinstance(t, torch.Tensor) and t.requires_grad for t in (chosen, rejected))
-    return chosen, rejected, float(tracked)
+    return chosen, rejected, float(tracked), model
+
+
+def _run_reference(fn: Callable, case: _Case) -> tuple:
+    return _tracked_logps(fn, case, "reference_logps")[:3]
 
 
 def _no_grad(fn: Callable) -> Callable:
@@ -298,14 +292,12 @@ def _train_step(logps: Callable = concatenated_forward, beta_in_loss: bool = Tru
 
 
 reference_dpo_train_step = _train_step()
-reference_dpo_train_step.__doc__ = (
-    "Policy log-probs with gradients, reference log-probs under no_grad, mean DPO loss, "
-    "zero_grad / backward / step; returns the loss as a float.")
+reference_dpo_train_step.__doc__ = ("Policy log-probs with gradients, reference log-probs under no_grad, mean DPO "
+                                    "loss, zero_grad / backward / step; returns the loss as a float.")
 
 
-# Well-conditioned steps: β·lr small enough that two SGD steps keep the weights near their initial scale
-# (|Δw| < 1), so a correct step written another way (a full log_softmax, two forwards) agrees to float
-# rounding. With lr = 2 and β = 2 the weights reached |w| ≈ 190 and correct answers differed by 1e-3.
+# Well-conditioned steps: β·lr small enough that two SGD steps keep |Δw| < 1, so a correct step written another way
+# agrees to float rounding (with lr = 2 and β = 2 the weights reached |w| ≈ 190 and correct answers differed by 1e-3).
 _TRAIN_BETAS = (0.1, 0.5, 0.05, 0.3, 0.2, 0.4)
 
 

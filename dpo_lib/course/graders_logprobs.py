@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_flatten
 
 from dpo_lib.course.grading_engine import Grader, HarnessGrader, Mistake, _gather
 
-__all__ = ["LOGPROB_GRADERS", "check_lean_sequence_logprobs", "check_left_padded_mask",
+__all__ = ["LOGPROB_GRADERS", "check_lean_sequence_logprobs", "check_left_padded_mask", "right_padded_batch",
            "reference_lean_sequence_logprobs", "reference_left_padded_mask"]
 
 
@@ -39,15 +39,21 @@ class _AllocationProbe(TorchDispatchMode):
         return out
 
 
-def _lean_case(g: torch.Generator, k: int) -> tuple:
-    """Right-padded batches of 3 to 6 rows (one row's temporaries stay under half the batch's logits)."""
-    B, T, V = (3, 4, 5, 3, 4, 6)[k], 6 + k, 7 + 3 * k
+def right_padded_batch(g: torch.Generator, B: int, T: int, V: int) -> tuple:
+    """Random ``logits`` (B, T, V), ``input_ids`` (B, T) and a completion mask (B, T): 1 on each row's completion
+    tokens (after a prompt of 1 to T - 4 tokens), 0 on the prompt and the right padding."""
     logits = 3 * torch.randn(B, T, V, generator=g)
     input_ids = torch.randint(0, V, (B, T), generator=g)
     prompt_len = torch.randint(1, T - 3, (B,), generator=g)
     total = torch.minimum(prompt_len + torch.randint(2, T, (B,), generator=g), torch.tensor(T))
     pos = torch.arange(T)
     mask = ((pos >= prompt_len[:, None]) & (pos < total[:, None])).long()
+    return logits, input_ids, mask
+
+
+def _lean_case(g: torch.Generator, k: int) -> tuple:
+    """Right-padded batches of 3 to 6 rows (one row's temporaries stay under half the batch's logits)."""
+    logits, input_ids, mask = right_padded_batch(g, (3, 4, 5, 3, 4, 6)[k], 6 + k, 7 + 3 * k)
     return logits.requires_grad_(), input_ids, mask
 
 

@@ -244,3 +244,15 @@ class _Case:
 
     def __repr__(self) -> str:
         return self.label
+
+
+class _GradModeProbe:
+    """Records whether autograd was on during each forward of ``model`` (graders of a frozen reference)."""
+
+    def __init__(self, model):
+        self.grad_enabled: list[bool] = []
+        self.handle = model.register_forward_pre_hook(lambda *_: self.grad_enabled.append(torch.is_grad_enabled()))
+
+    def close(self) -> bool:
+        self.handle.remove()
+        return any(self.grad_enabled)
