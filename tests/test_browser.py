@@ -155,11 +155,16 @@ def test_the_learners_path_in_jupyterlab(course, lab):
         assert page.locator(".jp-NotebookPanel:visible .jupyter-widgets").count() == 0
         _shot(page, "2-lesson-07-stored")
 
-        # 3. Exercise 01: the hint opens in one click; a wrong answer shows the grader's hint, no traceback.
+        # 3. Exercise 01: a hint opens in two steps, the idea in one click and its code in one more; a wrong
+        # answer shows the grader's hint, no traceback.
         _open(page, lab, EXERCISE)
         details = page.locator(".jp-NotebookPanel:visible .jp-MarkdownCell details").first
-        details.locator("summary").click()
+        code = details.locator("details").first  # the nested "show the code" step
+        details.locator("summary").first.click()
         expect(details).to_have_attribute("open", "")
+        expect(code).not_to_have_attribute("open", "")
+        code.locator("summary").click()
+        expect(code).to_have_attribute("open", "")
         _shot(page, "3-exercise-01-hint")
         exercise_cell = _code_cell(page, "def optimal_policy")
         exercise_cell.locator(".cm-content").click()
