@@ -75,6 +75,7 @@ class FakeAccelerator:
     def __init__(self, world=2, rank=0, distributed_type="DistributedType.MULTI_GPU", others=None):
         self.num_processes, self.process_index, self.is_main_process = world, rank, rank == 0
         self.device, self.distributed_type, self.others = torch.device("cpu"), distributed_type, others
+        self.mixed_precision = "no"  # accelerate's default: no loss scaler
         self.calls = []
 
     def prepare_model(self, model):

@@ -101,7 +101,7 @@ def test_prepare_trains_on_a_hub_dataset(fake_hub, tmp_path):
     model = save_tiny(tmp_path / "tiny")
     job = JobConfig(dataset="ultrafeedback", eval_dataset=None, model=str(model), max_length=128,
                     max_prompt_length=64)
-    s, features, card = prepare(job, train_config(), tmp_path / "out")
+    s, features, card = prepare(job, train_config(batch_size=2, grad_accum=1), tmp_path / "out")  # 3 pairs: one batch
     assert len(features) == 3
     assert all("ref_chosen_logps" in f and f["ref_chosen_logps"] < 0 for f in features)
     assert card["job"]["dataset"] == "ultrafeedback" and len(card["data_sha256_16"]) == 16
