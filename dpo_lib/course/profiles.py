@@ -16,23 +16,31 @@ does::
 
 and the first line it prints is ``profile: NAME``: :func:`stored_profile` reads it back from a
 committed notebook (the test that no lesson is stored from a smoke run).
+
+A lesson that reads bundled data passes the files, ``profiles.describe(PROFILE, S, data=[DATA / "train.jsonl"])``,
+and prints one ``data: PATH sha256:HEX`` line per file (PATH relative to the repository, HEX the first 12 hex
+digits of the file's SHA-256): :func:`stored_data` reads them back, so a test can tell a stored run made on
+other data than today's files.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "ENV", "ProfileError", "current", "describe", "error_outputs", "measured", "parse_measured", "pick",
-    "stored_profile",
+    "ENV", "ProfileError", "current", "data_line", "describe", "error_outputs", "measured", "parse_measured",
+    "pick", "stored_data", "stored_profile",
 ]
 
 PROFILES = ("smoke", "laptop", "gpu")
 ENV = "DPO_COURSE_PROFILE"
 LINE = re.compile(r"^profile: (\S+)$", re.MULTILINE)
+DATA_LINE = re.compile(r"^data: (\S+) sha256:([0-9a-f]{12})$", re.MULTILINE)
+ROOT = Path(__file__).resolve().parents[2]  # the repository: data lines name files relative to it
 
 
 class ProfileError(ValueError):
@@ -77,24 +85,47 @@ def pick(profile: str, **settings: dict[str, Any]) -> dict[str, Any]:
     return dict(settings[profile])
 
 
-def describe(profile: str, settings: Mapping[str, Any] | None = None) -> str:
-    """``profile: NAME`` on a line of its own, then one ``  key  value`` line per setting."""
+def data_line(path: str | Path, root: Path = ROOT) -> str:
+    """``data: PATH sha256:HEX`` for one data file: PATH relative to ``root`` (the repository) when the file
+    is inside it, HEX the first 12 hex digits of its SHA-256."""
+    from dpo_lib.checkpoints import file_sha256
+
+    path = Path(path).resolve()
+    shown = path.relative_to(root) if path.is_relative_to(root) else path
+    return f"data: {shown.as_posix()} sha256:{file_sha256(path)[:12]}"
+
+
+def describe(profile: str, settings: Mapping[str, Any] | None = None, data: Iterable[str | Path] = ()) -> str:
+    """``profile: NAME`` on a line of its own, one ``  key  value`` line per setting, then one
+    :func:`data_line` per file of ``data``."""
     lines = [f"profile: {profile}"]
     width = max((len(k) for k in settings or {}), default=0)
     lines += [f"  {k:<{width}}  {v}" for k, v in (settings or {}).items()]
+    lines += [data_line(p) for p in data]
     return "\n".join(lines)
+
+
+def _stored_texts(notebook) -> Iterable[str]:
+    """The text of every stored output of a notebook's code cells, in order."""
+    for cell in notebook["cells"]:
+        for output in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
+            text = output.get("text") or output.get("data", {}).get("text/plain") or ""
+            yield "".join(text) if isinstance(text, list) else text
 
 
 def stored_profile(notebook) -> str | None:
     """The profile a committed notebook was run under: the first ``profile: NAME`` line in its
     stored outputs (None when no cell printed one)."""
-    for cell in notebook["cells"]:
-        for output in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
-            text = output.get("text") or output.get("data", {}).get("text/plain") or ""
-            found = LINE.search("".join(text) if isinstance(text, list) else text)
-            if found:
-                return found.group(1)
+    for text in _stored_texts(notebook):
+        found = LINE.search(text)
+        if found:
+            return found.group(1)
     return None
+
+
+def stored_data(notebook) -> dict[str, str]:
+    """The data a committed notebook's run read: ``{PATH: HEX}`` from its ``data: PATH sha256:HEX`` lines."""
+    return {path: hex_ for text in _stored_texts(notebook) for path, hex_ in DATA_LINE.findall(text)}
 
 
 def error_outputs(notebook) -> list[int]:

@@ -4,6 +4,8 @@ The stored outputs of the lessons are what a learner reads first (COURSE.md): th
 from a ``laptop`` or ``gpu`` run, never from CI's ``smoke`` profile, and hold no error.
 """
 
+import hashlib
+import re
 from pathlib import Path
 
 import nbformat
@@ -103,3 +105,43 @@ def test_lessons_from_03_close_with_measured_lines(path):
     assert figures, f"{path.name}: the last code cell prints no 'measured: KEY = VALUE' line"
     assert len(figures) == len([line for line in text.splitlines() if line.startswith("measured:")]), \
         f"{path.name}: a 'measured:' line does not parse as 'measured: KEY = VALUE ± SE'"
+
+
+# Lessons whose stored run predates the data lines (stored on the sentiment pairs that #32 replaced); each is
+# re-run on today's data by its lesson issue and then leaves this set (the test below fails until it does).
+AWAITING_RERUN = {"04_rlhf_ppo_vs_dpo.ipynb", "05_train_small_llm_gpu.ipynb", "06_when_dpo_goes_wrong.ipynb",
+                  "07_iterative_dpo.ipynb"}
+DATA_FILE = re.compile(r'"(\w+\.jsonl)"')
+
+
+def test_data_lines_name_the_file_and_the_first_12_hex_digits_of_its_sha256(tmp_path):
+    """``data_line`` = ``data: PATH sha256:`` + hashlib.sha256(bytes).hexdigest()[:12]; PATH is repo-relative."""
+    f = tmp_path / "pairs.jsonl"
+    f.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    digest = hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+    assert P.data_line(f, root=tmp_path) == "data: pairs.jsonl sha256:" + digest
+    assert P.data_line(ROOT / "data/sentiment/train.jsonl").startswith("data: data/sentiment/train.jsonl sha256:")
+    text = P.describe("laptop", {"n": 4}, data=[f])
+    assert text.splitlines()[0] == "profile: laptop" and text.splitlines()[-1] == P.data_line(f)
+    stored = P.stored_data(_notebook(text + "\n"))
+    assert stored == {str(f.resolve()): hashlib.sha256(f.read_bytes()).hexdigest()[:12]}
+    f.write_bytes(b"changed\n")
+    assert P.data_line(f).split("sha256:")[1] != stored[str(f.resolve())]
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.name)
+def test_a_stored_lesson_names_the_data_it_read_and_that_data_is_todays(path):
+    nb = nbformat.read(path, as_version=4)
+    code = "".join(c.source for c in nb.cells if c.cell_type == "code")
+    read = sorted(set(DATA_FILE.findall(code)))
+    stored = P.stored_data(nb)
+    if path.name in AWAITING_RERUN:
+        assert not stored, f"{path.name} now prints data lines: take it out of AWAITING_RERUN"
+        return
+    for name in read:
+        lines = [p for p in stored if p.endswith("/" + name)]
+        assert lines, f"{path.name} reads {name} but its stored settings cell prints no 'data: ... {name} sha256:' line"
+    for shown, hex_ in stored.items():
+        today = P.data_line(ROOT / shown).split("sha256:")[1]
+        assert hex_ == today, (f"{path.name} was stored from {shown} sha256:{hex_}, but today's file is "
+                               f"sha256:{today}: re-run the lesson")
