@@ -54,7 +54,8 @@ def test_closed_form_value_and_rewards_include_beta():
 
 
 def test_gradient_sign_and_size():
-    """Eq. 8: d loss / d log pi(y_w) = -beta * sigma(r_l - r_w), d / d log pi(y_l) = +beta * sigma(r_l - r_w)."""
+    """The DPO gradient (paper §4, unnumbered): d loss / d log pi(y_w) = -beta * sigma(r_l - r_w),
+    d / d log pi(y_l) = +beta * sigma(r_l - r_w)."""
     pc, pr, rc, rr = rand_logps(seed=3)
     pc.requires_grad_(True), pr.requires_grad_(True)
     beta = 0.2

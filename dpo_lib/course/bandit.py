@@ -3,17 +3,22 @@ r"""The preference bandit: DPO where every quantity has a closed form.
 A *bandit* here is a prompt-free language model that can say one of ``K`` canned responses.
 Its policy is a softmax over logits :math:`\theta` (``[K]``), :math:`\pi_\theta=\mathrm{softmax}(\theta)`;
 there is a frozen reference :math:`\pi_\text{ref}` and a known reward vector :math:`r` (``[K]``).
-Equation numbers are those of Rafailov et al. 2023, "Direct Preference Optimization".
+Equation numbers are those of Rafailov et al. 2023, "Direct Preference Optimization" (arXiv:2305.18290).
+The paper writes a prompt :math:`x` in every term; the bandit has one prompt, so :math:`Z(x)` is one number
+:math:`Z` here.
+
+* Eq. 1, the Bradley–Terry model: :math:`p(y_1\succ y_2)=\sigma(r(y_1)-r(y_2))` (:func:`preference_prob`).
 
 * Eq. 3, the KL-constrained RLHF objective:
   :math:`\max_\pi \mathbb{E}_{y\sim\pi}[r(y)] - \beta\,\mathrm{KL}(\pi\,\|\,\pi_\text{ref})`.
 * Eq. 4, its maximiser: :math:`\pi^*(y) = \pi_\text{ref}(y)\exp(r(y)/\beta)/Z` (:func:`optimal_policy`).
 * Eq. 5, the implicit reward: :math:`r(y) = \beta\log\frac{\pi^*(y)}{\pi_\text{ref}(y)} + \beta\log Z`.
-* Eq. 6, Bradley–Terry on implicit rewards: :math:`p(y_1\succ y_2)=\sigma(r_1-r_2)`; the
-  :math:`\beta\log Z` terms cancel in the difference.
+* Eq. 6, Bradley–Terry written with the optimal policy (Eq. 5 put into Eq. 1): both replies answer the
+  same prompt, so they carry the same :math:`\beta\log Z(x)`, which cancels in the difference.
 * Eq. 7, the DPO loss (:func:`dpo_lib.losses.dpo_loss`) with
   :math:`\log\pi_\theta(y)=\theta_y-\mathrm{logsumexp}(\theta)`.
-* Eq. 8, its gradient: each pair is weighted by :math:`\sigma(\hat r_l-\hat r_w)` (:func:`dpo_grad_weight`).
+* its gradient (§4, "What does the DPO update do?"; the paper does not number it): each pair is weighted by
+  :math:`\sigma(\hat r_l-\hat r_w)` (:func:`dpo_grad_weight`).
 
 Why the DPO minimiser is :math:`\pi^*`. Write :math:`u_y=\beta\log\pi_\theta(y)/\pi_\text{ref}(y)`.
 For a pair :math:`\{i, j\}` whose label follows Bradley–Terry, the expected loss
@@ -78,7 +83,7 @@ def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def preference_prob(rewards: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """Bradley–Terry (Eq. 6 with the true reward): ``p(y_i > y_j) = sigmoid(r_i - r_j)``."""
+    """Bradley–Terry (Eq. 1, with the true reward): ``p(y_i > y_j) = sigmoid(r_i - r_j)``."""
     return torch.sigmoid(rewards[i] - rewards[j])
 
 
@@ -198,7 +203,7 @@ def dpo_grad_weight(
     ref_rejected_logps: torch.Tensor,     # (B,)
     beta: float,
 ) -> torch.Tensor:
-    r"""Eq. 8's per-pair weight :math:`\sigma(\hat r_l - \hat r_w)`, ``[B]``.
+    r"""The per-pair weight :math:`\sigma(\hat r_l - \hat r_w)` of the DPO gradient (paper §4, unnumbered): ``[B]``.
 
     The DPO gradient is
     :math:`\nabla\ell = -\beta\,\sigma(\hat r_l-\hat r_w)\,(\nabla\log\pi_\theta(y_w)-\nabla\log\pi_\theta(y_l))`:

@@ -355,7 +355,8 @@ def check_dpo_loss(fn: Callable) -> None:
 
 def check_dpo_gradient(fn: Callable) -> None:
     """Same arguments as :func:`check_dpo_loss`; ``fn`` returns ``(d_chosen [B], d_rejected [B])``, the derivatives
-    of each pair's loss with respect to the policy's two log-probs (Eq. 8), compared with autograd."""
+    of each pair's loss with respect to the policy's two log-probs (the paper's §4 gradient, unnumbered), compared
+    with autograd."""
     GRADERS["dpo_gradient"](fn)
 
 

@@ -245,7 +245,7 @@ def check_overfitting(run: Run) -> list[Finding]:
 
 
 def check_saturation(run: Run) -> list[Finding]:
-    """Margins so large that the DPO gradient weight σ(−βh) ≈ 0 (lesson 01's gradient, Eq. 8)."""
+    """Margins so large that the DPO gradient weight σ(−βh) ≈ 0 (lesson 01's gradient, DPO §4)."""
     margin = tail(series(run, "rewards/margins"))
     if run.loss_type not in SIGMOID_LIKE or len(margin) < 3:
         return []
