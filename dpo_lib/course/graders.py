@@ -50,6 +50,8 @@ from dpo_lib.course.graders_logprobs import *  # noqa: F401,F403
 from dpo_lib.course.graders_logprobs import LOGPROB_GRADERS, right_padded_batch
 from dpo_lib.course.graders_noise import *  # noqa: F401,F403
 from dpo_lib.course.graders_noise import NOISE_GRADERS
+from dpo_lib.course.graders_orpo import *  # noqa: F401,F403
+from dpo_lib.course.graders_orpo import ORPO_GRADERS
 from dpo_lib.course.graders_ppo import *  # noqa: F401,F403
 from dpo_lib.course.graders_ppo import PPO_GRADERS
 from dpo_lib.course.graders_rlhf import *  # noqa: F401,F403 (lesson 04: the check cells import them from here)
@@ -337,7 +339,7 @@ GRADERS: dict[str, Grader] = {
     **STATS_GRADERS,  # lesson 03: dpo_lib.course.graders_stats
     **RLHF_GRADERS, **PPO_GRADERS,  # lesson 04: dpo_lib.course.graders_rlhf, graders_ppo
     **GPU_GRADERS, **ADAPTER_GRADERS,  # lesson 05: dpo_lib.course.graders_gpu, graders_adapter
-    **VARIANT_GRADERS, **NOISE_GRADERS,  # lesson 06: dpo_lib.course.graders_variants, graders_noise
+    **VARIANT_GRADERS, **NOISE_GRADERS, **ORPO_GRADERS,  # lesson 06: graders_variants, graders_noise, graders_orpo
     **ITERATE_GRADERS, **ROUND_GRADERS,  # lesson 07: dpo_lib.course.graders_iterate, graders_round
 }
 
