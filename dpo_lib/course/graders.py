@@ -271,6 +271,9 @@ MASK_MISTAKES = [
             lambda am, pl: _positions(am, pl, lambda p, n: p >= n - 1)),
     Mistake("the mask is inverted: it should mark the completion, not the prompt.",
             lambda am, pl: _positions(am, pl, lambda p, n: p < n)),
+    Mistake("off by one: the mask is one position early (it marks the last prompt token and drops the completion's "
+            "last token); mark input_ids' own positions: sequence_logprobs does the shift.",
+            lambda am, pl: torch.nn.functional.pad(reference_completion_mask(am, pl)[:, 1:], (0, 1))),
 ]
 
 

@@ -95,6 +95,16 @@ def test_scalar_as_tensor_and_in_place_edits_are_fine(capsys):
     assert capsys.readouterr().out.count("✓") == 2
 
 
+def test_a_mask_one_position_early_is_named():
+    """Lesson 02's off-by-one mask: lined up with the labels, then shifted again by sequence_logprobs."""
+    def early(attention_mask, prompt_lengths):
+        mask = grading.reference_completion_mask(attention_mask, prompt_lengths)
+        return torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1)
+
+    with pytest.raises(AssertionError, match="one position early"):
+        grading.check_completion_mask(early)
+
+
 def test_mistakes_really_differ_from_reference():
     """A variant that equals the reference on every case could never be detected."""
     for name, grader in GRADERS.items():
