@@ -5,7 +5,9 @@ Three panels, drawn the same way by ``python -m dpo_lib train`` (one PNG each) a
 
 * ``loss`` — the DPO loss of each training batch (ln 2 at step 0);
 * ``rewards`` — implicit-reward accuracy and margin of the training batches, and, when the run
-  evaluated them (:class:`dpo_lib.evaluation.HeldoutEval`), of the held-out pairs on the same axes;
+  evaluated them (:class:`dpo_lib.evaluation.HeldoutEval`), of the held-out pairs on the same axes, with a
+  dotted line at chance (accuracy 0.5): held-out accuracy is read against it, not against the 0 of the
+  step-0 tie;
 * ``logps`` — how far the policy's log-probs of the chosen and rejected replies moved from the
   reference's, :math:`\\log\\pi_\\theta - \\log\\pi_\\text{ref} = \\hat r/\\beta` (nats), smoothed.
   The raw summed log-probs swing by tens of nats with the lengths of the replies that landed in a
@@ -112,6 +114,7 @@ def plot_panel(ax, history: list[dict], name: str, beta: float | None = None, wi
         for key, label, color in (("accuracies", "accuracy", "C0"), ("margins", "margin", "C1")):
             ax.plot(steps, [m[f"rewards/{key}"] for m in history], color=color, alpha=0.8, marker=".", lw=1,
                     label=f"{label} (training batch)")
+        ax.axhline(0.5, color="C0", ls=":", lw=1, label="chance (accuracy 0.5)")
         held = [m for m in history if "eval/accuracy" in m]
         for key, label, color in (("accuracy", "accuracy", "C0"), ("margin", "margin", "C1")):
             if held:

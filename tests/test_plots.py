@@ -56,6 +56,8 @@ def test_rewards_panel_has_the_held_out_points():
     plot_panel(ax, _history(), "rewards")
     held = [line for line in ax.get_lines() if line.get_label() == "accuracy (held-out)"][0]
     assert list(held.get_xdata()) == [3, 6] and list(held.get_ydata()) == [0.4, 0.4]
+    chance = [line for line in ax.get_lines() if line.get_label() == "chance (accuracy 0.5)"]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == [0.5, 0.5]  # held-out accuracy is read against it
     plt.close(fig)
     fig = plot_curves(_history(), beta=0.5)
     assert [a.get_title() for a in fig.axes] == list(PANELS.values())
