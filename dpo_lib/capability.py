@@ -39,6 +39,7 @@ from dpo_lib.evaluation import mean_and_se
 from dpo_lib.features import batch_to, collate_sequences, tokenize_pair
 from dpo_lib.logprobs import sequence_logprobs
 from dpo_lib.sampling import generate
+from dpo_lib.stats import gain
 
 __all__ = [
     "GENERAL_TEXT", "INSTRUCTIONS", "HELDOUT_REPLIES", "MEASURES", "MAX_NEW_TOKENS", "BATCH_SIZE", "VERIFIERS",
@@ -268,13 +269,14 @@ def measure(model, tokenizer, *, device: str | torch.device = "cpu", seed: int =
 
 def paired_change(before: dict, after: dict) -> dict:
     """``<name>_before``, ``<name>_after``, ``<name>_change`` (after - before) and ``<name>_change_se``
-    (the standard error of the per-example differences) for each name of :data:`MEASURES`."""
+    (the standard error of the per-example differences, :func:`dpo_lib.stats.gain`) for each name of
+    :data:`MEASURES`."""
     out = {}
     for name in MEASURES:
         b, a = list(before[name]), list(after[name])
         if len(b) != len(a):
             raise ValueError(f"paired_change: {name} has {len(b)} examples before and {len(a)} after")
-        change, se = mean_and_se([y - x for x, y in zip(b, a)])
+        change = gain(a, b)
         out.update({f"{name}_before": mean_and_se(b)[0], f"{name}_after": mean_and_se(a)[0],
-                    f"{name}_change": change, f"{name}_change_se": se})
+                    f"{name}_change": change.value, f"{name}_change_se": change.se})
     return out

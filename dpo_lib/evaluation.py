@@ -7,7 +7,8 @@
   The reference log-probs are precomputed in the features, or computed on the fly by a
   reference of :mod:`dpo_lib.reference` (for LoRA: the same model with its adapter off).
 * :func:`mean_and_se` / :func:`win_rate` — the ground-truth reward of sampled completions,
-  with standard errors, and how often the policy beats the reference on the same prompt.
+  with standard errors (from :mod:`dpo_lib.stats`), and how often the policy beats the reference on
+  the same prompt.
 * :func:`sequence_kl` — a Monte-Carlo estimate of :math:`\\mathrm{KL}(\\pi_\\theta\\|\\pi_\\text{ref})
   = \\mathbb E_{y\\sim\\pi_\\theta}[\\log\\pi_\\theta(y|x)-\\log\\pi_\\text{ref}(y|x)]`
   from the policy's own samples (sequence level, in nats), with its standard error; the
@@ -30,20 +31,21 @@ import torch
 from dpo_lib.features import batch_to, collate, collate_sequences, length_sorted_batches
 from dpo_lib.logprobs import concatenated_forward
 from dpo_lib.precision import autocast
+from dpo_lib.stats import mean_se
 
 __all__ = ["HeldoutEval", "STANDARD_CAPS", "cap_for", "completion_logps", "ended_by", "ending_profile",
            "implicit_reward_accuracy", "mean_and_se", "sequence_kl", "side_by_side", "win_rate"]
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    if n == 0:
+    """``(mean, standard error)`` of ``values``: :func:`dpo_lib.stats.mean_se` as a tuple (SE ``nan`` for one
+    value). No values, or a NaN or infinite one, give ``(nan, nan)`` instead of stats' ``ValueError``: an
+    evaluation at the end of a run reports a broken figure rather than stop before the others are written."""
+    values = [float(v) for v in values]
+    if not values or not all(math.isfinite(v) for v in values):
         return float("nan"), float("nan")
-    mean = sum(values) / n
-    if n == 1:
-        return mean, float("nan")
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
+    estimate = mean_se(values)
+    return estimate.value, estimate.se
 
 
 @torch.no_grad()

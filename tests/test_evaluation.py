@@ -10,6 +10,7 @@ from _tiny import tiny
 
 from dpo_lib.evaluation import cap_for, ended_by, ending_profile, mean_and_se, win_rate
 from dpo_lib.sampling import generate
+from dpo_lib.stats import mean_se
 
 EOS = 9
 
@@ -20,6 +21,15 @@ def test_mean_and_se_hand_case():
     assert mean == 3.0
     assert se == pytest.approx(math.sqrt(14 / 3 / 4))
     assert math.isnan(mean_and_se([2.0])[1])
+
+
+def test_mean_and_se_is_stats_mean_se_and_reports_broken_values_as_nan():
+    """The tuple of dpo_lib.stats.mean_se; where stats refuses (no values, a NaN or an inf) a run's evaluation
+    gets (nan, nan) instead, so the figures beside it are still written."""
+    e = mean_se([1.0, 2.0, 3.0, 6.0])
+    assert mean_and_se([1.0, 2.0, 3.0, 6.0]) == (e.value, e.se)
+    for broken in ([], [1.0, float("nan")], [float("inf"), 1.0]):
+        assert all(math.isnan(x) for x in mean_and_se(broken)), broken
 
 
 def test_win_rate_counts_ties_as_half():

@@ -68,6 +68,7 @@ from dpo_lib.recipes.run import Setup, check_card, claim_folder, evaluate, plain
 from dpo_lib.reference import FrozenReference, precompute_reference_logps
 from dpo_lib.sampling import JudgeError, make_pairs, score_samples
 from dpo_lib.settings import UserError
+from dpo_lib.stats import gain
 from dpo_lib.trainer import DPOTrainer
 
 __all__ = ["ITERATE_FREE", "IterationError", "branch", "finished_rounds", "iterate", "round_dir", "sample_seed"]
@@ -302,5 +303,6 @@ def _round_figures(k: int, loop: Loop, after: dict) -> dict:
         base = loop.baseline["judge_scores"]
         figures["judge_before"], figures["judge_before_se"] = mean_and_se(base)
         figures["judge_after"], figures["judge_after_se"] = mean_and_se(scores)
-        figures["judge_gain"], figures["judge_gain_se"] = mean_and_se([a - b for a, b in zip(scores, base)])
+        judge_gain = gain(scores, base)
+        figures["judge_gain"], figures["judge_gain_se"] = judge_gain.value, judge_gain.se
     return figures

@@ -35,6 +35,7 @@ from dpo_lib.precision import asked, autocast, choose_auto, last_choice, model_s
 from dpo_lib.reference import FrozenReference, model_fingerprint, precompute_reference_logps
 from dpo_lib.sampling import generate
 from dpo_lib.settings import UserError
+from dpo_lib.stats import gain
 
 __all__ = ["ResumeMismatch", "RunFolderBusy", "Setup", "check_card", "claim_folder", "evaluate", "heldout",
            "plain", "prompt_text", "resume_conflicts", "run_card", "start", "summarize", "write_json"]
@@ -204,7 +205,8 @@ def summarize(before: dict, after: dict) -> dict:
         ref, pol = before["rewards"], after["rewards"]
         out["reward_before"], out["reward_before_se"] = mean_and_se(ref)
         out["reward_after"], out["reward_after_se"] = mean_and_se(pol)
-        out["reward_gain"], out["reward_gain_se"] = mean_and_se([a - b for a, b in zip(pol, ref)])
+        reward_gain = gain(pol, ref)
+        out["reward_gain"], out["reward_gain_se"] = reward_gain.value, reward_gain.se
         out["win_rate"], out["win_rate_se"] = win_rate(pol, ref)
         out["kl_to_reference"], out["kl_to_reference_se"] = after["kl"]
     return out

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from dpo_lib import stats
+
 __all__ = ["Run", "finite", "mean_se", "series", "span", "tail"]
 
 
@@ -53,11 +55,10 @@ def tail(s: list) -> list:
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
-    """Mean and standard error (0 for a single value)."""
-    n = len(values)
-    m = sum(values) / n
-    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return m, sd / math.sqrt(n)
+    """Mean and standard error, from :func:`dpo_lib.stats.mean_se` (the doctor's SE is 0 for a single value,
+    where stats gives nan: its checks then compare the value alone)."""
+    estimate = stats.mean_se(values)
+    return estimate.value, 0.0 if estimate.n == 1 else estimate.se
 
 
 def span(s: list) -> str:

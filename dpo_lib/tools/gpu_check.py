@@ -55,9 +55,10 @@ def _peak(device: str) -> int | None:
 def _evaluate(peft_model, reference, tokenizer, prompts: list, judge, max_new_tokens: int) -> dict:
     """Samples of the reference (adapter off) and the policy (a merged copy), judged, win rate and KL."""
     from dpo_lib import lora
-    from dpo_lib.evaluation import mean_and_se, sequence_kl, win_rate
+    from dpo_lib.evaluation import sequence_kl, win_rate
     from dpo_lib.judges import score_samples
     from dpo_lib.sampling import generate
+    from dpo_lib.stats import gain
 
     kw = dict(n=1, max_new_tokens=max_new_tokens, seed=1234, progress=False, batch_size=len(prompts))
     with peft_model.disable_adapter():
@@ -66,8 +67,8 @@ def _evaluate(peft_model, reference, tokenizer, prompts: list, judge, max_new_to
     ref, pol = score_samples(judge, prompts, ref_samples), score_samples(judge, prompts, pol_samples)
     wins, wins_se = win_rate(pol, ref)
     kl, kl_se = sequence_kl(peft_model, reference, pol_samples, tokenizer.pad_token_id)
-    gain, gain_se = mean_and_se([p - r for p, r in zip(pol, ref)])
-    return {"win_rate": wins, "win_rate_se": wins_se, "judge_gain": gain, "judge_gain_se": gain_se,
+    judge_gain = gain(pol, ref)
+    return {"win_rate": wins, "win_rate_se": wins_se, "judge_gain": judge_gain.value, "judge_gain_se": judge_gain.se,
             "kl_to_reference": kl, "kl_to_reference_se": kl_se, "samples": len(pol)}
 
 
