@@ -162,17 +162,44 @@ def cmd_pairs(a) -> int:
     from dpo_lib.sampling import make_pairs
 
     prompts, reward = load_prompts(c.prompts), get_reward(c.reward)
+    if c.check:  # the full run's first batches: the same jobs, padding and seeds
+        per_batch = c.batch_size // c.num_samples
+        prompts = prompts[: -(-c.check_prompts // per_batch) * per_batch]
     model, tokenizer = _model(c)
+    start = time.perf_counter()
     rows, stats = make_pairs(model, tokenizer, prompts, reward, n=c.num_samples, min_gap=c.min_gap,
-                             max_new_tokens=c.max_new_tokens, temperature=c.temperature, batch_size=c.batch_size,
-                             seed=c.seed)
+                             incomplete=c.incomplete, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                             top_p=c.top_p, batch_size=c.batch_size, seed=c.seed)
+    seconds = time.perf_counter() - start
+    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
+    if c.check:
+        return _check_pairs(c.out, prompts, lines)
     c.out.parent.mkdir(parents=True, exist_ok=True)
     with open(c.out, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.writelines(lines)
     print(f"[dpo_lib] {stats['pairs']} pairs from {stats['prompts']} prompts x {c.num_samples} samples "
           f"({stats['skipped_no_preference']} skipped: no preference) -> {c.out}")
+    print(f"[dpo_lib] samples: {stats['ended']} of {stats['samples']} ended by the model, {stats['trimmed']} trimmed "
+          f"to their last complete sentence, {stats['dropped']} dropped (--incomplete {c.incomplete}); "
+          f"sampling and scoring {seconds:.0f} s")
     return 0
+
+
+def _check_pairs(out: Path, prompts: list[dict], lines: list[str]) -> int:
+    """``pairs --check``: the rows regenerated for ``prompts`` against the rows of ``out`` for the same prompts."""
+    key = lambda row: json.dumps(row["prompt"], sort_keys=True)  # noqa: E731
+    wanted = {key(r) for r in prompts}
+    with open(out, encoding="utf-8") as f:
+        stored = [line for line in f if key(json.loads(line)) in wanted]
+    if stored == lines:
+        print(f"[dpo_lib] check: the first {len(prompts)} prompts give the {len(lines)} rows of {out}, byte for byte")
+        return 0
+    bad = next((k for k, (x, y) in enumerate(zip(stored, lines)) if x != y), min(len(stored), len(lines)))
+    print(f"[dpo_lib] check FAILED: {out} holds {len(stored)} rows for the first {len(prompts)} prompts, "
+          f"regenerated {len(lines)}; first difference at row {bad + 1}:\n  stored:      "
+          f"{stored[bad][:160] if bad < len(stored) else '(none)'}\n  regenerated: "
+          f"{lines[bad][:160] if bad < len(lines) else '(none)'}", file=sys.stderr)
+    return 1
 
 
 def with_system(rows: list[dict], system: str, path: Path) -> list[dict]:

@@ -34,10 +34,10 @@ from dpo_lib.settings import (
     writable_folder,
 )
 
-__all__ = ["DEFAULT_TEST", "DEFAULT_TEST_PROMPTS", "DEFAULT_TRAIN", "JUDGES", "PRECISIONS", "REFERENCE_MODES",
-           "REPO_DATA", "RUN_FILES", "RUN_FOLDERS", "SCHEDULES", "IterateConfig", "JobConfig", "LengthsConfig",
-           "ModelConfig", "PairsConfig", "SamplingConfig", "TrainConfig", "ValidateConfig", "BenchConfig",
-           "model_source", "same_file", "with_loss_params"]
+__all__ = ["DEFAULT_TEST", "DEFAULT_TEST_PROMPTS", "DEFAULT_TRAIN", "INCOMPLETE", "JUDGES", "PRECISIONS",
+           "REFERENCE_MODES", "REPO_DATA", "RUN_FILES", "RUN_FOLDERS", "SCHEDULES", "IterateConfig", "JobConfig",
+           "LengthsConfig", "ModelConfig", "PairsConfig", "SamplingConfig", "TrainConfig", "ValidateConfig",
+           "BenchConfig", "model_source", "same_file", "with_loss_params"]
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_TRAIN = REPO_DATA / "sentiment" / "train.jsonl"
@@ -47,6 +47,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")        # dpo_lib.precision
 JUDGES = ("sentiment",)            # judges available offline by name (dpo_lib.rewards.REWARDS); others via the API
 REFERENCE_MODES = ("initial", "previous")
+INCOMPLETE = ("trim", "drop", "keep")  # what `pairs` does with an answer the token cap cut (dpo_lib.sampling)
 # what a train run writes in --out: folders, then files (dpo_lib.recipes.train)
 RUN_FOLDERS = ("final", "checkpoints", "cache")
 RUN_FILES = ("run_card.json", "summary.json", "metrics.jsonl", "samples.md")
@@ -250,12 +251,26 @@ class PairsConfig(ModelConfig, SamplingConfig):
     out: Path | None = setting(None, "output JSONL of pairs (required)", optional(output_file))
     reward: str = setting("sentiment", "what scores the answers", choices=JUDGES)
     min_gap: float = setting(0.05, "skip prompts whose best and worst differ less", at_least(0.0))
+    # 64: the cap of the bundled pairs (data/README.md): 28 % of the embedded model's answers end by then and
+    # 98 % hold a complete sentence to trim to; at 128 only 43 % end, for twice the tokens.
+    max_new_tokens: int = setting(64, "the longest answer sampled, in tokens", at_least(1))
+    incomplete: str = setting("trim", "an answer the cap cut: trim it to its last complete sentence (flagged "
+                              "chosen_trimmed/rejected_trimmed), drop it, or keep it as cut", choices=INCOMPLETE)
+    check: bool = setting(False, "regenerate the first --check-prompts prompts and compare them with the --out "
+                          "file instead of writing it (exit 1 on a difference)")
+    check_prompts: int = setting(8, "how many prompts --check regenerates (rounded up to whole batches)",
+                                 at_least(1))
 
     def check_combinations(self) -> None:
         super().check_combinations()
         for name in ("prompts", "out"):
             if getattr(self, name) is None:
                 raise ConfigError(name, "is required (got nothing)")
+        if self.check and not Path(self.out).is_file():
+            raise ConfigError("out", f"--check compares with --out, which is not a file: {self.out}")
+        if self.check and self.batch_size % self.num_samples:
+            raise ConfigError("check", f"needs --batch-size ({self.batch_size}) to be a multiple of --num-samples "
+                              f"({self.num_samples}), so that its batches are the full run's first batches")
         if self.num_samples < 2:
             raise ConfigError("num_samples", f"must be >= 2 to compare answers (got {self.num_samples})")
         if self.temperature <= 0:

@@ -10,19 +10,33 @@ that raises, or gives a non-finite score or the wrong number of scores, stops wi
 :class:`JudgeError` that names the sample and its prompt index. A judge that needs the prompts
 (e.g. :class:`dpo_lib.rlhf.reward_model.RewardModelJudge`) says so with ``takes_prompts = True``
 and is called as ``judge(texts, prompts=...)``.
+
+**Replies that end.** A sampled reply either ends with the model's own end of turn (``ended``) or is cut
+by ``max_new_tokens``, often mid-word. Scored through the chat template, a cut reply gets an end-of-turn
+token the model never wrote, after a broken sentence. :func:`complete_reply` handles the cut ones as
+``make_pairs(..., incomplete=...)`` asks: ``"trim"`` cuts them back to their last complete sentence and
+flags them (``chosen_trimmed`` / ``rejected_trimmed`` in the rows: the end of turn there is the data's,
+not the model's), ``"drop"`` keeps only replies the model ended, ``"keep"`` keeps them as cut.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from tqdm.auto import tqdm
 
+from dpo_lib.config import INCOMPLETE  # what make_pairs does with a reply the token cap cut (module docstring)
 from dpo_lib.features import encode_prompt  # the chat template's home; notebooks import it from here
 from dpo_lib.settings import UserError
 
-__all__ = ["JudgeError", "best_vs_worst", "generate", "make_pairs", "score_samples"]
+__all__ = ["INCOMPLETE", "JudgeError", "best_vs_worst", "complete_reply", "complete_samples", "generate", "make_pairs",
+           "score_samples"]
+
+# A sentence ends at . ! ? or … (closing quotes, brackets or markdown may follow) before a space or the text's end:
+# "3.5" and "e.g.," do not end one.
+SENTENCE_END = re.compile(r"[.!?…][\"'”’»)\]*_]*(?=\s|$)")
 
 
 @torch.no_grad()
@@ -31,8 +45,9 @@ def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 
     """Sample ``n`` completions for each prompt (string or message list).
 
     Returns one dict per sample: ``prompt_index``, ``prompt_ids``, ``response_ids`` (up to and
-    including the first EOS) and ``text`` (decoded, special tokens dropped). Prompts are
-    left-padded so that every row's next token sits in the last column.
+    including the first EOS), ``ended`` (the model wrote that EOS; False: ``max_new_tokens`` cut it)
+    and ``text`` (decoded, special tokens dropped). Prompts are left-padded so that every row's next
+    token sits in the last column.
     """
     was_training = model.training
     model.eval()
@@ -55,12 +70,42 @@ def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 
                              eos_token_id=eos)
         for r, (i, ids) in enumerate(chunk):
             resp = gen[r, L:].tolist()
-            if eos in resp:
+            ended = eos in resp
+            if ended:
                 resp = resp[: resp.index(eos) + 1]
-            out.append({"prompt_index": i, "prompt_ids": ids, "response_ids": resp,
+            out.append({"prompt_index": i, "prompt_ids": ids, "response_ids": resp, "ended": ended,
                         "text": tokenizer.decode(resp, skip_special_tokens=True).strip()})
     model.train(was_training)
     return out
+
+
+def complete_reply(text: str, ended: bool, incomplete: str = "trim") -> tuple[str, bool] | None:
+    """``(text, trimmed)``: a reply the model ended as it is; a cut one as ``incomplete`` says (``"trim"``: up
+    to its last complete sentence, ``trimmed=True`` — also when the cap fell just after a sentence end, since
+    the model did not end it there; ``"keep"``: as cut, ``trimmed=False``). ``None``: the reply is dropped
+    (``"drop"``, or ``"trim"`` and no sentence ended before the cap)."""
+    if ended or incomplete == "keep":
+        return text, False
+    if incomplete == "drop":
+        return None
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
+    return (text[:ends[-1]], True) if ends else None
+
+
+def complete_samples(samples: list[dict], incomplete: str = "trim") -> tuple[list[dict], int]:
+    """The samples of :func:`generate` after :func:`complete_reply`: each kept one with its new ``text`` and a
+    ``trimmed`` flag; returns ``(kept, dropped)``. ``"keep"`` returns the samples as they are (no flag).
+    Samples without ``ended`` count as ended (canned samples)."""
+    if incomplete not in INCOMPLETE:
+        raise ValueError(f"incomplete={incomplete!r}: expected one of {', '.join(INCOMPLETE)}")
+    if incomplete == "keep":
+        return list(samples), 0
+    kept = []
+    for sample in samples:
+        done = complete_reply(sample["text"], sample.get("ended", True), incomplete)
+        if done is not None:
+            kept.append(dict(sample, text=done[0], trimmed=done[1]))
+    return kept, len(samples) - len(kept)
 
 
 class JudgeError(UserError, ValueError):
@@ -111,22 +156,27 @@ def score_samples(reward_fn, samples: list[dict], prompts: list | None = None) -
 
 
 def make_pairs(model, tokenizer, prompt_rows: list[dict], reward_fn, n: int = 4, min_gap: float = 0.05,
-               **generate_kwargs) -> tuple[list[dict], dict]:
-    """Best-vs-worst pairs: for each prompt sample ``n`` responses, score them with
-    ``reward_fn(texts) -> list[float]``, keep the highest as chosen and the lowest as rejected
-    (:func:`best_vs_worst`).
+               incomplete: str = "keep", **generate_kwargs) -> tuple[list[dict], dict]:
+    """Best-vs-worst pairs: for each prompt sample ``n`` responses, make the cut ones complete as
+    ``incomplete`` says (:func:`complete_samples`; ``"keep"``, the default, leaves them as cut: the
+    iterative loop's recipe), score them with ``reward_fn(texts) -> list[float]``, keep the highest as
+    chosen and the lowest as rejected (:func:`best_vs_worst`).
 
-    Prompts whose best and worst differ by less than ``min_gap`` (or whose texts are equal)
-    carry no preference and are skipped. The scores are checked (:func:`score_samples`: a failing
-    judge raises :class:`JudgeError`). Returns ``(rows, stats)``; ``stats["score_mean"]`` is the
-    judge's mean over all samples.
+    Prompts whose best and worst differ by less than ``min_gap`` (or whose texts are equal, or with
+    fewer than two replies left) carry no preference and are skipped. The scores are checked
+    (:func:`score_samples`: a failing judge raises :class:`JudgeError`). Returns ``(rows, stats)``;
+    ``stats["score_mean"]`` is the judge's mean over the samples kept, ``ended`` / ``trimmed`` /
+    ``dropped`` count the samples the model ended, the ones trimmed and the ones dropped.
     """
     prompts = [r["prompt"] for r in prompt_rows]
     samples = generate(model, tokenizer, prompts, n=n, **generate_kwargs)
-    scores = score_samples(reward_fn, samples, prompts)
-    rows, skipped = best_vs_worst(prompt_rows, samples, scores, min_gap)
+    kept, dropped = complete_samples(samples, incomplete)
+    scores = score_samples(reward_fn, kept, prompts)
+    rows, skipped = best_vs_worst(prompt_rows, kept, scores, min_gap)
     return rows, {"prompts": len(prompt_rows), "pairs": len(rows), "skipped_no_preference": skipped,
-                  "samples": len(samples), "score_mean": sum(scores) / len(scores) if scores else float("nan")}
+                  "samples": len(samples), "score_mean": sum(scores) / len(scores) if scores else float("nan"),
+                  "ended": sum(s.get("ended", True) for s in samples),
+                  "trimmed": sum(s.get("trimmed", False) for s in kept), "dropped": dropped}
 
 
 def best_vs_worst(prompt_rows: list[dict], samples: list[dict], scores: list[float],
@@ -136,17 +186,21 @@ def best_vs_worst(prompt_rows: list[dict], samples: list[dict], scores: list[flo
 
     For each prompt, in the order of ``prompt_rows``, the highest-scored sample is chosen and the
     lowest rejected; the prompt is skipped when ``best - worst < min_gap``, when the two texts are
-    equal, or when either is empty. Returns ``(rows, skipped)``: rows in the course schema (message
-    lists when the prompt is one) plus ``score_chosen`` / ``score_rejected``, and how many prompts
-    were skipped.
+    equal, when either is empty, or when it has fewer than two samples. Returns ``(rows, skipped)``:
+    rows in the course schema (message lists when the prompt is one) plus ``score_chosen`` /
+    ``score_rejected`` (and ``chosen_trimmed`` / ``rejected_trimmed`` when the samples carry a
+    ``trimmed`` flag: :func:`complete_samples`), and how many prompts were skipped.
     """
     by_prompt: dict[int, list] = {}
     for s, score in zip(samples, scores):
-        by_prompt.setdefault(s["prompt_index"], []).append((score, s["text"]))
+        by_prompt.setdefault(s["prompt_index"], []).append((score, s["text"], s.get("trimmed")))
     rows, skipped = [], 0
     for i, row in enumerate(prompt_rows):
-        scored = sorted(by_prompt[i], key=lambda t: t[0])
-        (lo, worst), (hi, best) = scored[0], scored[-1]
+        scored = sorted(by_prompt.get(i, []), key=lambda t: t[0])  # stable: among equal scores, sampling order
+        if len(scored) < 2:
+            skipped += 1
+            continue
+        (lo, worst, worst_cut), (hi, best, best_cut) = scored[0], scored[-1]
         if hi - lo < min_gap or best == worst or not best or not worst:
             skipped += 1
             continue
@@ -155,4 +209,6 @@ def best_vs_worst(prompt_rows: list[dict], samples: list[dict], scores: list[flo
             chosen, rejected = [{"role": "assistant", "content": best}], [{"role": "assistant", "content": worst}]
         rows.append({"prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
                      "score_chosen": round(hi, 4), "score_rejected": round(lo, 4)})
+        if best_cut is not None:
+            rows[-1].update(chosen_trimmed=best_cut, rejected_trimmed=worst_cut)
     return rows, skipped

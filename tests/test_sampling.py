@@ -7,7 +7,7 @@ import math
 import pytest
 
 from dpo_lib import sampling
-from dpo_lib.sampling import JudgeError, best_vs_worst, make_pairs, score_samples
+from dpo_lib.sampling import JudgeError, best_vs_worst, complete_reply, complete_samples, make_pairs, score_samples
 from dpo_lib.settings import UserError
 
 
@@ -125,4 +125,51 @@ def test_make_pairs_on_canned_samples(monkeypatch):
     assert calls == [([r["prompt"] for r in PROMPTS], 3, {"temperature": 0.7})]
     assert [r["chosen"] for r in rows] == ["best", [{"role": "assistant", "content": "good"}]]
     assert stats == {"prompts": 5, "pairs": 2, "skipped_no_preference": 3, "samples": 11,
-                     "score_mean": pytest.approx(5.432345 / 11)}
+                     "score_mean": pytest.approx(5.432345 / 11), "ended": 11, "trimmed": 0, "dropped": 0}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("It was great. The staff were kind and the ro", "It was great."),             # cut mid-word
+    ('She said "wow!" and then the', 'She said "wow!"'),                          # a closing quote follows
+    ("Five stars! Would go again? Maybe. Pric", "Five stars! Would go again? Maybe."),
+    ("Rated 3.5 out of 5 by the", None),                                           # "3.5" is not a sentence end
+    ("I loved it... until the", "I loved it..."),
+    ("(Best trip ever.) Then we", "(Best trip ever.)"),
+    ("A complete sentence.", "A complete sentence."),                              # the cap fell just after it
+    ("no sentence ends here at all", None),
+])
+def test_a_cut_reply_is_trimmed_to_its_last_complete_sentence(text, expected):
+    assert complete_reply(text, ended=False, incomplete="trim") == (None if expected is None else (expected, True))
+
+
+def test_a_reply_the_model_ended_is_kept_as_written_whatever_its_last_character():
+    """The model's own end of turn is kept even mid-sentence: only the cap's cut is 'incomplete'."""
+    for incomplete in ("trim", "drop", "keep"):
+        assert complete_reply("and then the", ended=True, incomplete=incomplete) == ("and then the", False)
+    assert complete_reply("cut. mid wo", ended=False, incomplete="keep") == ("cut. mid wo", False)
+    assert complete_reply("cut. mid wo", ended=False, incomplete="drop") is None
+
+
+def test_complete_samples_counts_and_flags():
+    """4 samples: ended (kept, trimmed=False), cut with a sentence (trimmed), cut without one (dropped),
+    no 'ended' key (a canned sample: counts as ended). 'keep' returns them untouched, unflagged."""
+    samples = [dict(s(0, "Done"), ended=True), dict(s(0, "Good. And th"), ended=False),
+               dict(s(1, "no end here"), ended=False), s(1, "canned")]
+    kept, dropped = complete_samples(samples, "trim")
+    assert dropped == 1 and [(k["text"], k["trimmed"]) for k in kept] == [("Done", False), ("Good.", True),
+                                                                         ("canned", False)]
+    assert complete_samples(samples, "keep") == (samples, 0) and "trimmed" not in samples[1]
+    assert [k["text"] for k in complete_samples(samples, "drop")[0]] == ["Done", "canned"]
+    with pytest.raises(ValueError, match="incomplete='cut'"):
+        complete_samples(samples, "cut")
+
+
+def test_pairs_from_trimmed_samples_say_which_reply_was_trimmed_and_a_prompt_with_one_reply_left_is_skipped():
+    """p0: 'Great.' (trimmed, 0.9) over 'Bad' (ended, -0.5); p1 keeps one of its replies after trimming: no pair."""
+    samples = [dict(s(0, "Great. Re"), ended=False), dict(s(0, "Bad"), ended=True),
+               dict(s(1, "one"), ended=True), dict(s(1, "no sentence"), ended=False)]
+    kept, dropped = complete_samples(samples, "trim")
+    rows, skipped = best_vs_worst(PROMPTS[:2], kept, [0.9, -0.5, 0.3], min_gap=0.05)
+    assert dropped == 1 and skipped == 1
+    assert rows == [{"prompt": "p0", "chosen": "Great.", "rejected": "Bad", "score_chosen": 0.9,
+                     "score_rejected": -0.5, "chosen_trimmed": True, "rejected_trimmed": False}]
