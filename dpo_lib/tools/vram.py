@@ -128,10 +128,13 @@ def activation_bytes_per_token(model: Any, precision: str = "bf16", gradient_che
     layer's input is kept, and one layer is recomputed at a time during the backward pass:
     ``N·(L·b·h + A + (4 + 2b)·h)``. Checked against the bytes that autograd actually saves
     (:func:`dpo_lib.tools.memory.measure_saved_activations`; within 10 % for the SmolLM2 and tiny
-    Llama models). LoRA saves a little less (frozen linear layers need not keep their inputs), so this is
-    an upper bound there. Eager attention would also keep the ``T × T`` attention
-    probabilities: roughly ``heads·T·(4 + b)`` more bytes per token and layer in half
-    precision (an fp32 softmax and its cast), quadratic in ``T`` overall.
+    Llama models). LoRA saves a little less, so this is an upper bound there: the RMSNorm weights are
+    frozen, so autograd keeps no copy of the normalised inputs they multiply (``b·h`` per norm), while the
+    inputs of the adapted linear layers are kept all the same (LoRA's ``A`` needs its input ``x`` for its
+    gradient) and the adapters add their small ``A x`` (lesson 05 measures both on one micro-batch).
+    Eager attention would also keep the ``T × T`` attention probabilities: roughly ``heads·T·(4 + b)``
+    more bytes per token and layer in half precision (an fp32 softmax and its cast), quadratic in ``T``
+    overall.
     """
     s, b = model_spec(model), BYTES[precision]
     per_layer = (8 + 4 * b) * s.hidden + 5 * b * s.q_dim + 4 * b * s.intermediate
