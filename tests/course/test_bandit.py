@@ -127,8 +127,8 @@ def test_grad_weight_matches_autograd():
     assert ((w > 0) & (w < 1)).all()
     pi = torch.softmax(theta.detach(), -1)
     eye = torch.eye(K, dtype=torch.float64)
-    eq8 = -beta * (w[:, None] * ((eye[chosen] - pi) - (eye[rejected] - pi))).mean(0)      # [K]
-    torch.testing.assert_close(theta.grad, eq8)
+    formula = -beta * (w[:, None] * ((eye[chosen] - pi) - (eye[rejected] - pi))).mean(0)      # [K]
+    torch.testing.assert_close(theta.grad, formula)  # the §4 gradient (unnumbered in the paper)
     # and per pair, on the log-probs themselves: d loss_i / d log pi(y_w) = -beta * w_i
     pc = args[0].detach().requires_grad_(True)
     dpo_loss(pc, args[1].detach(), args[2], args[3], beta=beta)[0].sum().backward()
