@@ -17,9 +17,9 @@
 * :func:`ended_by` — the fraction of sampled answers that have ended within t tokens, for every
   t up to the cap: a length comparison that stays honest when some answers are cut at the cap;
   :func:`ending_profile` reads it at a few caps (``python -m dpo_lib lengths``).
-* :class:`HeldoutEval` — a training callback: held-out accuracy and margin every few steps, in
-  the step's metrics (``eval/accuracy``, ``eval/margin``), so the curves show them next to the
-  training batches' figures.
+* :class:`HeldoutEval` — a training callback: held-out accuracy, margin and chosen reward every few
+  steps, in the step's metrics (``eval/accuracy``, ``eval/margin``, ``eval/chosen_reward``, each with
+  its ``_se``), so the curves show them next to the training batches' figures.
 """
 
 from __future__ import annotations
@@ -51,7 +51,12 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
 @torch.no_grad()
 def implicit_reward_accuracy(model, features: list[dict], pad_token_id: int, beta: float,
                              batch_size: int = 8, reference=None) -> dict:
-    """Held-out implicit-reward accuracy and mean margin.
+    """Held-out implicit-reward accuracy, mean margin and mean chosen reward, each with its SE over the pairs.
+
+    Returns ``accuracy``, ``accuracy_se``, ``margin`` (mean of β·h = r̂_w − r̂_l), ``margin_se``,
+    ``chosen_reward`` (mean of r̂_w = β·(log π_θ(y_w) − log π_ref(y_w)): below 0, the chosen replies became
+    less likely than under the reference, likelihood displacement when the margin is above 0),
+    ``chosen_reward_se`` and ``pairs``.
 
     Without ``reference`` the features must carry reference log-probs
     (:func:`dpo_lib.reference.precompute_reference_logps`). With ``reference``, a callable that
@@ -62,7 +67,7 @@ def implicit_reward_accuracy(model, features: list[dict], pad_token_id: int, bet
     """
     was_training = model.training
     model.eval()
-    correct, margins = [0.0] * len(features), [0.0] * len(features)
+    correct, margins, chosen_rewards = [0.0] * len(features), [0.0] * len(features), [0.0] * len(features)
     device = next(model.parameters()).device
     # the same batches as precompute_reference_logps: same padding, so π_θ = π_ref gives exactly 0
     for chunk in length_sorted_batches(features, batch_size):
@@ -73,20 +78,23 @@ def implicit_reward_accuracy(model, features: list[dict], pad_token_id: int, bet
         else:
             ref_chosen, ref_rejected = reference(batch)
         r_c, r_r = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
-        for i, ok, m in zip(chunk, (r_c > r_r).float().tolist(), (r_c - r_r).tolist()):
-            correct[i], margins[i] = ok, m
+        for i, ok, m, c in zip(chunk, (r_c > r_r).float().tolist(), (r_c - r_r).tolist(), r_c.tolist()):
+            correct[i], margins[i], chosen_rewards[i] = ok, m, c
     model.train(was_training)
     acc, acc_se = mean_and_se(correct)
-    margin, _ = mean_and_se(margins)
-    return {"accuracy": acc, "accuracy_se": acc_se, "margin": margin, "pairs": len(features)}
+    margin, margin_se = mean_and_se(margins)
+    chosen, chosen_se = mean_and_se(chosen_rewards)
+    return {"accuracy": acc, "accuracy_se": acc_se, "margin": margin, "margin_se": margin_se,
+            "chosen_reward": chosen, "chosen_reward_se": chosen_se, "pairs": len(features)}
 
 
 class HeldoutEval:
     """Callback of :meth:`dpo_lib.trainer.DPOTrainer.train`: every ``every`` optimizer steps and at
     the last one, :func:`implicit_reward_accuracy` on ``features`` (held-out pairs that carry their
     reference log-probs, or scored by ``reference``), stored in that step's metrics as
-    ``eval/accuracy``, ``eval/accuracy_se`` and ``eval/margin`` (so ``metrics.jsonl`` and the plots
-    carry them). With cached reference log-probs it costs one forward pass over ``features``."""
+    ``eval/accuracy``, ``eval/accuracy_se``, ``eval/margin``, ``eval/margin_se``, ``eval/chosen_reward`` and
+    ``eval/chosen_reward_se`` (so ``metrics.jsonl``, the plots and ``python -m dpo_lib doctor`` carry them).
+    With cached reference log-probs it costs one forward pass over ``features``."""
 
     def __init__(self, features: list[dict], pad_token_id: int, every: int, reference=None):
         if every < 1:
@@ -101,8 +109,8 @@ class HeldoutEval:
             self.last = implicit_reward_accuracy(trainer.model, self.features, self.pad, trainer.config.beta,
                                                  reference=self.reference)
         self.last["step"] = trainer.step
-        metrics.update({"eval/accuracy": self.last["accuracy"], "eval/accuracy_se": self.last["accuracy_se"],
-                        "eval/margin": self.last["margin"]})
+        metrics.update({f"eval/{key}": self.last[key] for key in
+                        ("accuracy", "accuracy_se", "margin", "margin_se", "chosen_reward", "chosen_reward_se")})
 
 
 @torch.no_grad()

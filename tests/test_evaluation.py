@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from _tiny import tiny
+from _tiny import tiny, toy_rows
 
-from dpo_lib.evaluation import cap_for, ended_by, ending_profile, mean_and_se, win_rate
+from dpo_lib.evaluation import cap_for, ended_by, ending_profile, implicit_reward_accuracy, mean_and_se, win_rate
+from dpo_lib.features import tokenize_rows
+from dpo_lib.reference import FrozenReference, precompute_reference_logps
 from dpo_lib.sampling import generate
 from dpo_lib.stats import mean_se
 
@@ -90,3 +92,22 @@ def test_profile_of_sampled_answers_matches_their_tokens():
     assert 0 < len(lengths) < len(samples)                 # some end, some are cut: both cases are counted
     assert p["ended_by"] == [sum(n <= c for n in lengths) / 16 for c in (4, 8, 16, 24)]
     assert p["ended_by"] == sorted(p["ended_by"])
+
+
+def test_heldout_chosen_reward_and_margin_with_their_ses():
+    """implicit_reward_accuracy's chosen reward and margin are the means over the held-out pairs of
+    r̂_w = β·(log π(y_w) − log π_ref(y_w)) and r̂_w − r̂_l, each with the SE of dpo_lib.stats.mean_se: here the
+    policy is the tiny model of seed 0 and the reference the one of seed 1, so the rewards are not 0; the
+    policy's own log-probs come from the same length-sorted batches (precompute_reference_logps on it)."""
+    model, tok = tiny(seed=0)
+    features, _ = tokenize_rows(tok, toy_rows(9))
+    held = precompute_reference_logps(FrozenReference(tiny(seed=1)[0]), features, tok.pad_token_id)
+    own = precompute_reference_logps(FrozenReference(model), features, tok.pad_token_id)
+    beta = 0.1
+    chosen = [beta * (p["ref_chosen_logps"] - r["ref_chosen_logps"]) for p, r in zip(own, held)]
+    margin = [c - beta * (p["ref_rejected_logps"] - r["ref_rejected_logps"]) for c, p, r in zip(chosen, own, held)]
+    got = implicit_reward_accuracy(model, held, tok.pad_token_id, beta=beta)
+    for key, values in (("chosen_reward", chosen), ("margin", margin)):
+        e = mean_se(values)
+        assert e.se > 0 and abs(e.value) > 1e-3                      # the reference differs: rewards are not 0
+        assert got[key] == pytest.approx(e.value, abs=1e-5) and got[f"{key}_se"] == pytest.approx(e.se, abs=1e-5)

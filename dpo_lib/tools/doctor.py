@@ -25,8 +25,8 @@ from pathlib import Path
 from dpo_lib.tools.doctor_checks import CHECKS, LN2, Finding, diagnose
 from dpo_lib.tools.doctor_run import Run, finite, series, span, tail
 
-__all__ = ["DoctorError", "build_parser", "curves_summary", "format_report", "main", "read_run", "report_json",
-           "run_from_history"]
+__all__ = ["HELDOUT_KEYS", "DoctorError", "build_parser", "curves_summary", "format_report", "main", "read_run",
+           "report_json", "run_from_history"]
 
 
 class DoctorError(Exception):
@@ -59,25 +59,46 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+HELDOUT_KEYS = ("accuracy", "accuracy_se", "margin", "margin_se", "chosen_reward", "chosen_reward_se")
+"""A held-out point's figures: ``eval/KEY`` in a dpo_lib metrics line (:class:`dpo_lib.evaluation.HeldoutEval`),
+``heldout_KEY_after`` (``heldout_KEY_after_se`` for its SE) in summary.json. Rewards include β:
+``chosen_reward`` = β·(log π − log π_ref) of the chosen reply, ``margin`` = β·h, each the mean over the held-out
+pairs, ``_se`` its standard error over them."""
+
+
+def _summary_key(key: str) -> str:
+    """summary.json's name of a held-out figure: ``heldout_chosen_reward_after``, ``heldout_margin_after_se`` …"""
+    return f"heldout_{key[:-3]}_after_se" if key.endswith("_se") else f"heldout_{key}_after"
+
+
 def _dpo_lib_eval(rows: list[dict]) -> list[dict]:
     """The held-out points ``HeldoutEval`` wrote into the training lines (``eval/accuracy`` …)."""
-    return [{"step": r["step"], "accuracy": r["eval/accuracy"], "accuracy_se": r.get("eval/accuracy_se"),
-             "margin": r.get("eval/margin")} for r in rows if "eval/accuracy" in r]
+    return [{"step": r["step"], **{key: r.get(f"eval/{key}") for key in HELDOUT_KEYS}}
+            for r in rows if "eval/accuracy" in r]
 
 
 def run_from_history(history: list[dict], config: dict | None = None, summary: dict | None = None,
                      path: str = "(history)", source: str = "dpo_lib") -> Run:
     """A :class:`Run` from per-step metrics as :class:`dpo_lib.trainer.DPOTrainer` returns them
-    (``trainer.history``, or the lines of ``metrics.jsonl``); ``config`` gives β and the loss type."""
+    (``trainer.history``, or the lines of ``metrics.jsonl``); ``config`` gives β and the loss type.
+
+    ``summary`` (a ``summary.json``, or what a notebook measured on held-out pairs at the end of the run)
+    gives the held-out point at the last step: ``heldout_accuracy_after``, ``heldout_margin_after``,
+    ``heldout_chosen_reward_after``, each with ``_se`` (rewards in β units: a log-prob change in nats times
+    β). Where the history logged a point at the last step, its figures are kept and the summary fills
+    the ones it lacks; the displacement check decides on the held-out chosen reward and margin when present."""
     rows = [r for r in history if isinstance(r, dict) and "step" in r and "loss" in r]
     if not rows:
         raise DoctorError(f"{path}: no training step with a 'step' and a 'loss' in it")
     evals = _dpo_lib_eval(rows)
     summary = summary or {}
-    if not evals and "heldout_accuracy_after" in summary:
-        evals = [{"step": rows[-1]["step"], "accuracy": summary["heldout_accuracy_after"],
-                  "accuracy_se": summary.get("heldout_accuracy_after_se"),
-                  "margin": summary.get("heldout_margin_after")}]
+    end = {key: summary[_summary_key(key)] for key in HELDOUT_KEYS if finite(summary.get(_summary_key(key)))}
+    if end:
+        last = rows[-1]["step"]
+        if evals and evals[-1]["step"] == last:
+            evals[-1] = {**evals[-1], **{k: v for k, v in end.items() if not finite(evals[-1].get(k))}}
+        else:
+            evals.append({"step": last, **{key: end.get(key) for key in HELDOUT_KEYS}})
     return Run(source=source, path=str(path), train=rows, eval=evals, config=dict(config or {}), summary=summary)
 
 
@@ -92,7 +113,8 @@ def _trl_entry(entry: dict) -> tuple[str, dict] | None:
     """('train' | 'eval', metrics) for one ``log_history`` entry; None for the end-of-training summary."""
     if any(k.startswith("eval_") for k in entry):
         return "eval", {"step": entry.get("step"), "accuracy": entry.get("eval_rewards/accuracies"),
-                        "margin": entry.get("eval_rewards/margins"), "loss": entry.get("eval_loss")}
+                        "margin": entry.get("eval_rewards/margins"), "chosen_reward": entry.get("eval_rewards/chosen"),
+                        "loss": entry.get("eval_loss")}  # means over the eval set: TRL logs no SE
     if "loss" in entry and "step" in entry:
         return "train", entry
     return None
@@ -175,12 +197,18 @@ def curves_summary(run: Run) -> list[str]:
             ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected") if series(run, key)]
     if last:
         lines.append("last quarter: " + ", ".join(last))
-    if run.eval:
+    if run.eval and finite(run.eval[-1].get("accuracy")):
         e = run.eval[-1]
         se = f" ± {_fmt(e['accuracy_se'], 2)}" if finite(e.get("accuracy_se")) else ""
         acc = [(s, v) for s, v in series(run, "rewards/accuracies") if e["step"] is None or s <= e["step"]]
         lines.append(f"held-out accuracy {_fmt(e['accuracy'])}{se} at step {e['step']} "
                      f"(training batches before it: {_fmt(_tail_mean(acc))})")
+    held = next((e for e in reversed(run.eval) if finite(e.get("chosen_reward"))), None)
+    if held:
+        pm = {k: f" ± {_fmt(held[k + '_se'], 2)}" if finite(held.get(k + "_se")) else "" for k in ("chosen_reward",
+                                                                                                  "margin")}
+        lines.append(f"held-out rewards/chosen {_fmt(held['chosen_reward'])}{pm['chosen_reward']}, rewards/margins "
+                     f"{_fmt(held.get('margin'))}{pm['margin']} at step {held['step']}")
     return lines
 
 

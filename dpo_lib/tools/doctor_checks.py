@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 from dpo_lib.tools.doctor_run import Run, finite, mean_se, series, span, tail
 
-__all__ = ["CHECKS", "HAIR", "LN2", "ORDER", "SATURATED", "Finding", "check_displacement", "check_grad_explosion",
-           "check_length_growth", "check_no_learning", "check_nonfinite", "check_overfitting", "check_reference",
-           "check_saturation", "diagnose"]
+__all__ = ["CHECKS", "HAIR", "LN2", "MIN_MEANS", "ORDER", "SATURATED", "Finding", "check_displacement",
+           "check_grad_explosion", "check_length_growth", "check_no_learning", "check_nonfinite", "check_overfitting",
+           "check_reference", "check_saturation", "diagnose", "t_cdf", "t_quantile"]
 
 REFERENCE_FREE = ("simpo", "orpo")
 LN2 = math.log(2)
@@ -148,26 +148,135 @@ def check_no_learning(run: Run) -> list[Finding]:
                     "and rejected differ")]
 
 
-def check_displacement(run: Run) -> list[Finding]:
-    """The chosen reply's log-prob falls below the reference's while the margin grows (lesson 06, Part 2)."""
-    chosen, margin = tail(series(run, "rewards/chosen")), series(run, "rewards/margins")
-    if run.loss_type in REFERENCE_FREE or len(chosen) < 3 or len(margin) < 4:
-        return []
-    c, c_se = mean_se([v for _, v in chosen])
-    m, m_se = mean_se([v for _, v in tail(margin)])
-    if not (c + 2 * c_se < 0 and m - 2 * m_se > 0 and m > margin[0][1]):
-        return []
-    rejected = tail(series(run, "rewards/rejected"))
-    r = mean_se([v for _, v in rejected])[0] if rejected else float("nan")
-    return [Finding("likelihood_displacement", "warning", [s for s, _ in chosen],
-                    f"over {span(chosen)} rewards/chosen averages {c:+.3g} ± {c_se:.2g}{_nats(c, run.beta)}, "
-                    f"below 0 by more than 2 SE, while the margin averages {m:.3g} ± {m_se:.2g} (step "
-                    f"{margin[0][0]}: {margin[0][1]:.3g}) and rewards/rejected {r:+.3g}",
-                    "the margin grows by pushing the rejected reply down faster than the chosen one: the chosen "
-                    "reply itself became less likely than under the reference, and the mass went to other replies",
+def t_cdf(t: float, df: int) -> float:
+    """P(T ≤ t) for Student's t with an integer ``df`` ≥ 1, in closed form (Abramowitz & Stegun 26.7.3–4:
+    with θ = atan(t/√df), a finite sum in cos²θ), so the doctor needs no scipy."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+    if df % 2:     # odd: (2/π)·(θ + sinθ·cosθ·(1 + 2/3·cos²θ + 2·4/(3·5)·cos⁴θ + … up to cos^(df−3)θ))
+        for k in range(1, (df - 1) // 2):
+            term *= 2 * k / (2 * k + 1) * c2
+            total += term
+        inside = 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0))
+    else:          # even: sinθ·(1 + 1/2·cos²θ + 1·3/(2·4)·cos⁴θ + … up to cos^(df−2)θ)
+        for k in range(1, df // 2):
+            term *= (2 * k - 1) / (2 * k) * c2
+            total += term
+        inside = math.sin(theta) * total
+    return (1 + inside) / 2    # inside = P(|T| < t)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile (0.5 < p < 1) of Student's t with ``df`` degrees of freedom, by bisection on
+    :func:`t_cdf`; e.g. 0.975: 12.71 (df 1), 4.30, 3.18, 2.78, 2.57, 2.45 (df 6), 2.23 (df 10), 2.04 (df 30)."""
+    lo, hi = 0.0, 1e4
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+MIN_MEANS = 7  # training-batch means a 2-SE call needs; on fewer, Student's t 97.5% quantile (check_displacement)
+
+
+def _batch_bound(n: int) -> float:
+    """How many SEs a mean of ``n`` training-batch means must clear: 2, or t_{0.975, n−1} below MIN_MEANS."""
+    return 2.0 if n >= MIN_MEANS else t_quantile(0.975, n - 1)
+
+
+def _heldout_point(run: Run) -> dict | None:
+    """The latest held-out point with the chosen reward and the margin (an evaluation, or summary.json's)."""
+    return next((e for e in reversed(run.eval) if finite(e.get("chosen_reward")) and finite(e.get("margin"))), None)
+
+
+DISPLACED = ("the margin grows by pushing the rejected reply down faster than the chosen one: the chosen reply itself "
+             "became less likely than under the reference, and the mass went to other replies")
+
+
+def _displacement_finding(steps: list[int], evidence: str, meaning: str) -> list[Finding]:
+    return [Finding("likelihood_displacement", "warning", steps, evidence, meaning,
                     f"{LESSON_06}, Part 2: likelihood displacement, fixed by DPOP and DPO+NLL",
                     "DPOP (--loss-type dpop, --dpop-lambda 50) or DPO+NLL (--nll-weight, e.g. 1.0); fewer steps or a "
                     "larger β; pairs whose chosen and rejected replies differ more")]
+
+
+def check_displacement(run: Run) -> list[Finding]:
+    """The chosen reply's log-prob falls below the reference's while the margin grows (lesson 06, Part 2).
+
+    The rule: the chosen reward r̂_w = β·(log π(y_w) − log π_ref(y_w)) is below 0 by more than 2 SE while
+    the margin β·h is above 0 by more than 2 SE.
+
+    **Held-out evidence first.** Where the run logged the chosen reward and the margin on held-out pairs
+    (dpo_lib's ``eval/chosen_reward`` and ``eval/margin`` with their ``_se``; TRL's ``eval_rewards/chosen``
+    and ``eval_rewards/margins``; or ``summary.json``'s ``heldout_chosen_reward_after(_se)`` and
+    ``heldout_margin_after(_se)``), the latest such point decides, with SEs over the held-out pairs. TRL logs
+    no SE: then the signs of the two means decide, and the evidence says so. The training batches are then
+    not used: under label noise their "chosen" is often the rejected reply (lesson 06, Part 4: three runs on
+    40% flipped labels look healthy there while on clean held-out pairs their chosen reply fell 2–3 nats), and
+    a batch measures the pairs being fitted.
+
+    **Fallback: the training batches** (``rewards/chosen``, ``rewards/margins`` over the last quarter of the
+    logged steps), the margin also above its first logged value. A mean of n batch means over its SE follows
+    Student's t with n − 1 degrees of freedom, not the normal that "2 SE" stands for; its 97.5% quantile is
+    12.7, 4.30, 3.18, 2.78, 2.57 for n = 2…6 and falls below 2.5 from n = 7 (t_6 = 2.45). So a series needs
+    at least :data:`MIN_MEANS` = 7 means for a 2-SE call; on fewer it must clear t_{0.975, n−1} SEs (a
+    19-step run's last quarter is 4 means: 3.18 SE; lesson 06's DPO+NLL false alarm was 2.1 SE there). The
+    exact t rule for every n is not used: it would also un-flag lesson 06's "DPO, bundled" (margin 2.03 SE
+    over 7 means < t_6 = 2.45), a run displaced held out (−3.1 nats, margin beyond 2 SE); the finding's
+    ``meaning`` says what 2 SE on few means is worth instead.
+    """
+    if run.loss_type in REFERENCE_FREE:
+        return []
+    e = _heldout_point(run)
+    if e is not None:
+        return _heldout_displacement(run, e)
+    chosen, margin = tail(series(run, "rewards/chosen")), series(run, "rewards/margins")
+    if len(chosen) < 3 or len(margin) < 4:
+        return []
+    c, c_se = mean_se([v for _, v in chosen])
+    m, m_se = mean_se([v for _, v in tail(margin)])
+    kc, km = _batch_bound(len(chosen)), _batch_bound(len(tail(margin)))
+    if not (c + kc * c_se < 0 and m - km * m_se > 0 and m > margin[0][1]):
+        return []
+    rejected = tail(series(run, "rewards/rejected"))
+    r = mean_se([v for _, v in rejected])[0] if rejected else float("nan")
+    why = "no held-out chosen reward and margin logged" if not run.eval else \
+        "the held-out points carry no chosen reward"
+    return _displacement_finding(
+        [s for s, _ in chosen],
+        f"training batches ({why}): over {span(chosen)} ({len(chosen)} batch means) rewards/chosen averages "
+        f"{c:+.3g} ± {c_se:.2g}{_nats(c, run.beta)}, below 0 by {-c / c_se if c_se else math.inf:.1f} SE "
+        f"(threshold {kc:.2f}), while the margin averages {m:.3g} ± {m_se:.2g} ({m / m_se if m_se else math.inf:.1f} "
+        f"SE, threshold {km:.2f}; step {margin[0][0]}: {margin[0][1]:.3g}) and rewards/rejected {r:+.3g}",
+        DISPLACED + ". Read from the training batches, measured before each update on the pairs being fitted: "
+        f"under label noise their 'chosen' is often the rejected reply; and a 2-SE call on {MIN_MEANS} or a few more "
+        f"batch means is looser than it looks (on {MIN_MEANS}, Student's t_{MIN_MEANS - 1} 97.5% quantile is "
+        f"{t_quantile(0.975, MIN_MEANS - 1):.2f} and 2 SE is a {1 - t_cdf(2.0, MIN_MEANS - 1):.1%} one-sided false "
+        f"alarm per condition, not the normal's 2.3%; on fewer than {MIN_MEANS} the threshold is that quantile). A "
+        "held-out evaluation that logs the chosen reward (--eval-every) decides instead")
+
+
+def _heldout_displacement(run: Run, e: dict) -> list[Finding]:
+    """The displacement rule on one held-out point ``e`` (SEs over the held-out pairs, or the signs alone)."""
+    c, m = e["chosen_reward"], e["margin"]
+    c_se, m_se = e.get("chosen_reward_se"), e.get("margin_se")
+    with_se = finite(c_se) and finite(m_se)
+    if not (c + 2 * c_se < 0 and m - 2 * m_se > 0 if with_se else c < 0 and m > 0):
+        return []
+    at = f"step {e['step']}" if e.get("step") is not None else "the end of the run"
+    if with_se:
+        how = (f"chosen reward {c:+.3g} ± {c_se:.2g}{_nats(c, run.beta)}, below 0 by "
+               f"{-c / c_se if c_se else math.inf:.1f} SE, margin {m:.3g} ± {m_se:.2g}, above 0 by "
+               f"{m / m_se if m_se else math.inf:.1f} SE (threshold 2 SE, SEs over the held-out pairs)")
+    else:
+        how = (f"chosen reward {c:+.3g}{_nats(c, run.beta)} below 0 and margin {m:.3g} above 0 (the log gives no "
+               "SE, e.g. TRL's eval_ means: the signs alone decide, a mean near 0 may be noise)")
+    train_chosen = tail(series(run, "rewards/chosen"))
+    seen = (f"; the training batches over {span(train_chosen)}, not used for the call: rewards/chosen "
+            f"{mean_se([v for _, v in train_chosen])[0]:+.3g}") if train_chosen else ""
+    return _displacement_finding(
+        [e["step"]] if isinstance(e.get("step"), int) else [], f"held-out pairs at {at}: {how}{seen}",
+        DISPLACED + ", on pairs the policy was not trained on")
 
 
 def _losses_by_epoch(run: Run) -> list[list[tuple[int, float]]]:

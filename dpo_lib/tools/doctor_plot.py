@@ -46,6 +46,9 @@ def _logps(ax, run: Run) -> None:
     scale = run.beta or 1.0
     for key, name in (("rewards/chosen", "chosen"), ("rewards/rejected", "rejected")):
         ax.plot(*_xy(series(run, key), scale), label=name)
+    held = [(e["step"], e["chosen_reward"]) for e in run.eval if isinstance(e.get("chosen_reward"), (int, float))]
+    if held:  # what likelihood_displacement decides on, where it was logged
+        ax.plot(*_xy(held, scale), "o-", label="held-out chosen")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_title("log π − log π_ref (nats)" if run.beta else "β·(log π − log π_ref) (β unknown)")
 

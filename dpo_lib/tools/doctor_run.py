@@ -21,7 +21,8 @@ __all__ = ["Run", "finite", "mean_se", "series", "span", "tail"]
 @dataclass
 class Run:
     """A DPO run's logs: ``train`` holds one dict per logged step (TRL's metric names and ``step``),
-    ``eval`` the held-out points ``{"step", "accuracy", "accuracy_se"?, "margin"?}``, ``config`` what is
+    ``eval`` the held-out points ``{"step", "accuracy", "accuracy_se"?, "margin"?, "margin_se"?, "chosen_reward"?,
+    "chosen_reward_se"?}`` (rewards β·(log π − log π_ref), means over the held-out pairs), ``config`` what is
     known of the settings (``beta``, ``loss_type``, ``epochs``), ``summary`` a dpo_lib ``summary.json``."""
     source: str
     path: str
