@@ -219,6 +219,9 @@ class IterateConfig(Checked):
                              "policy the last round ended with (previous)", choices=REFERENCE_MODES)
     temperature: float = setting(1.0, "sampling temperature of the training answers", positive)
     sample_max_new_tokens: int = setting(40, "length cap of the sampled training answers", at_least(1))
+    incomplete: str = setting("trim", "a training answer the cap cut: trim it to its last complete sentence, drop "
+                              "it, or keep it as cut (as the bundled pairs were made: `pairs --incomplete`)",
+                              choices=INCOMPLETE)
 
     def check_combinations(self) -> None:
         if self.prompts is None:

@@ -158,8 +158,8 @@ def score_samples(reward_fn, samples: list[dict], prompts: list | None = None) -
 def make_pairs(model, tokenizer, prompt_rows: list[dict], reward_fn, n: int = 4, min_gap: float = 0.05,
                incomplete: str = "keep", **generate_kwargs) -> tuple[list[dict], dict]:
     """Best-vs-worst pairs: for each prompt sample ``n`` responses, make the cut ones complete as
-    ``incomplete`` says (:func:`complete_samples`; ``"keep"``, the default, leaves them as cut: the
-    iterative loop's recipe), score them with ``reward_fn(texts) -> list[float]``, keep the highest as
+    ``incomplete`` says (:func:`complete_samples`; ``"keep"``, the default, leaves them as cut; ``pairs``
+    and ``iterate`` trim them by default), score them with ``reward_fn(texts) -> list[float]``, keep the highest as
     chosen and the lowest as rejected (:func:`best_vs_worst`).
 
     Prompts whose best and worst differ by less than ``min_gap`` (or whose texts are equal, or with

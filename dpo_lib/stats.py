@@ -33,8 +33,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Estimate", "arms_difference", "gain", "mean_se", "paired_difference", "seed_average",
-           "seed_averaged_se"]
+__all__ = ["Estimate", "arms_difference", "gain", "mean_se", "over_seeds_and_prompts", "paired_difference",
+           "seed_average", "seed_averaged_se"]
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,25 @@ def seed_average(per_seed) -> list[float]:
 def seed_averaged_se(per_seed) -> Estimate:
     """Mean and SE over prompts of the seed-averaged values: average the seeds per prompt first."""
     return mean_se(seed_average(per_seed))
+
+
+def over_seeds_and_prompts(per_seed) -> Estimate:
+    """Mean over seeds and prompts, with an SE that counts both sources of noise: the prompts (the SE over
+    prompts of the seed-averaged values, :func:`seed_averaged_se`) and the training runs (the spread of the
+    seeds' means, ``s_seeds² / S``):
+
+    .. math:: \\mathrm{SE}^2 = \\mathrm{SE}^2_\\text{prompts} + \\frac{s^2_\\text{seeds}}{S}
+
+    Use it where a whole run is random, not only its evaluation (a KL, a gain of a trained policy): all seeds
+    are evaluated on the same prompts, so the prompt term is shared by the seeds and does not shrink with
+    ``S``, while a seed that moved the policy further shifts every prompt at once and shows only in the second
+    term. Slightly conservative (the seed-by-prompt noise enters both terms). One seed: the prompt term alone."""
+    averaged = seed_averaged_se(per_seed)
+    means = [mean_se(values).value for values in _plain(per_seed)]
+    if len(means) < 2:
+        return averaged
+    seeds = mean_se(means)
+    return Estimate(averaged.value, math.sqrt(averaged.se ** 2 + seeds.se ** 2), averaged.n)
 
 
 def gain(after, before) -> Estimate:

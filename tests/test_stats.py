@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_lib.stats import Estimate, arms_difference, gain, mean_se, paired_difference, seed_average, seed_averaged_se
+from dpo_lib.stats import (
+    Estimate,
+    arms_difference,
+    gain,
+    mean_se,
+    over_seeds_and_prompts,
+    paired_difference,
+    seed_average,
+    seed_averaged_se,
+)
 
 # ----------------------------------------------------------------------------- mean_se
 
@@ -125,6 +134,21 @@ def test_seed_averaged_se_is_not_independent_per_seed_ses():
     flat = seed_averaged_se([[0, 2, 4, 6], [6, 4, 2, 0]])
     assert flat == Estimate(3.0, 0.0, 4) and flat.z == math.inf
     assert math.hypot(mean_se([0, 2, 4, 6]).se, mean_se([6, 4, 2, 0]).se) / 2 == pytest.approx(0.9128709)
+
+
+def test_over_seeds_and_prompts_adds_the_seed_spread():
+    """Seeds s0 = [0, 2, 4, 6], s1 = [2, 2, 4, 8]: prompt term sqrt(7)/2 (above), SE^2 = 7/4.
+    Seed means 3 and 4: s^2 = 0.5, over S = 2 seeds 0.25. SE = sqrt(7/4 + 1/4) = sqrt(2) = 1.4142136.
+
+    A seed that shifts every prompt by +10, s0 = [0, 2, 4, 6], s1 = [10, 12, 14, 16]: seed-averaged
+    [5, 7, 9, 11], prompt SE sqrt(20/3/4) = 1.2909944 (the shift is invisible there); seed means 3 and 13,
+    s^2 = 50, / 2 = 25: SE = sqrt(5/3 + 25) = 5.1639778. One seed: the prompt SE alone."""
+    e = over_seeds_and_prompts([[0, 2, 4, 6], [2, 2, 4, 8]])
+    assert e == Estimate(3.5, pytest.approx(math.sqrt(2)), 4)
+    shifted = over_seeds_and_prompts(torch.tensor([[0.0, 2, 4, 6], [10, 12, 14, 16]]))
+    assert seed_averaged_se([[0, 2, 4, 6], [10, 12, 14, 16]]).se == pytest.approx(1.2909944)
+    assert shifted == Estimate(8.0, pytest.approx(5.1639778), 4)
+    assert over_seeds_and_prompts([[0, 2, 4, 6]]) == mean_se([0, 2, 4, 6])
 
 
 def test_seeds_must_cover_the_same_prompts():

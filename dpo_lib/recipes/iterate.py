@@ -234,7 +234,8 @@ def _round_pairs(k: int, loop: Loop, policy, rd: Path) -> tuple[list[dict], dict
     with autocast(config.precision):
         try:
             rows, stats = make_pairs(policy, s.tokenizer, loop.prompt_rows, loop.judge, n=settings.samples_per_prompt,
-                                     min_gap=settings.min_gap, max_new_tokens=settings.sample_max_new_tokens,
+                                     min_gap=settings.min_gap, incomplete=settings.incomplete,
+                                     max_new_tokens=settings.sample_max_new_tokens,
                                      temperature=settings.temperature, seed=sample_seed(config.seed, k))
         except JudgeError as e:
             raise IterationError(f"round {k}: {e}; the round is not finished (no {rd / 'summary.json'})") from e
@@ -280,8 +281,10 @@ def _round(k: int, loop: Loop, policy) -> dict:
                      accuracy=None if previous else final)
     summary = {"round": k, "reference": loop.settings.reference, "judge": judge_name(loop.judge),
                "prompts": stats["prompts"], "pairs": len(features),
-               "skipped_no_preference": stats["skipped_no_preference"], "judge_mean_of_training_samples":
-               stats["score_mean"], "steps": len(history), "final_loss": history[-1]["loss"], "tokenize": tokenized}
+               "skipped_no_preference": stats["skipped_no_preference"], "samples_ended": stats["ended"],
+               "samples_trimmed": stats["trimmed"], "samples_dropped": stats["dropped"],
+               "judge_mean_of_training_samples": stats["score_mean"], "steps": len(history),
+               "final_loss": history[-1]["loss"], "tokenize": tokenized}
     summary.update(_round_figures(k, loop, after))
     if previous and final:
         summary["heldout_accuracy_vs_round_reference"] = final["accuracy"]
@@ -305,4 +308,5 @@ def _round_figures(k: int, loop: Loop, after: dict) -> dict:
         figures["judge_after"], figures["judge_after_se"] = mean_and_se(scores)
         judge_gain = gain(scores, base)
         figures["judge_gain"], figures["judge_gain_se"] = judge_gain.value, judge_gain.se
+        figures["judge_scores_after"] = [float(x) for x in scores]  # per sample, like rewards_after
     return figures

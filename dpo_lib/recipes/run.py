@@ -209,4 +209,8 @@ def summarize(before: dict, after: dict) -> dict:
         out["reward_gain"], out["reward_gain_se"] = reward_gain.value, reward_gain.se
         out["win_rate"], out["win_rate_se"] = win_rate(pol, ref)
         out["kl_to_reference"], out["kl_to_reference_se"] = after["kl"]
+        # each held-out sample's true reward, in the order sampled (prompt-major, the baseline's order): runs
+        # evaluated on the same prompts and seed are compared by their paired difference
+        # (dpo_lib.stats.arms_difference), not by their summaries' SEs
+        out["rewards_after"] = [float(r) for r in pol]
     return out

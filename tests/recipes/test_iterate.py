@@ -75,7 +75,8 @@ def setup(tmp_path_factory):
 def configs(setup, out, **kw):
     settings = IterateConfig(prompts=setup["prompts"], rounds=kw.pop("rounds", 2), samples_per_prompt=3,
                              min_gap=kw.pop("min_gap", 0.05), reference=kw.pop("reference", "initial"),
-                             sample_max_new_tokens=8)
+                             sample_max_new_tokens=8,
+                             incomplete=kw.pop("incomplete", "keep"))  # a random model ends few answers: keep them
     job = JobConfig(model=str(setup["model"]), eval_dataset=setup["test"], out=out, max_new_tokens=8,
                     eval_samples=1, max_eval_prompts=4, eval_every=0)
     config = train_config(batch_size=4, max_steps=3, learning_rate=1e-3, print_every=0, **kw)
@@ -204,6 +205,18 @@ def test_min_gap_filters_a_round(setup):
     pairs = read_jsonl(round_dir(out, 1) / "pairs.jsonl")
     assert [p["prompt"][0]["content"] for p in pairs] == [f"Tell me about item {i}." for i in (1, 3, 5, 7)]
     assert all((p["score_chosen"], p["score_rejected"]) == (1.0, 0.0) for p in pairs)
+
+
+def test_the_round_completes_cut_answers_as_incomplete_says(setup):
+    """The tiny random model ends 2 of its 24 answers within 8 tokens: ``keep`` (the other tests) pairs the 22
+    cut ones as they are and counts them in the summary; ``drop`` keeps the 2 ended ones alone, at most one pair,
+    fewer than a batch of 4, and the round stops unfinished."""
+    _, summaries = run(setup, "keep", rounds=1, min_gap=0.0)
+    s = summaries[0]
+    assert (s["samples_ended"], s["samples_dropped"], s["samples_trimmed"]) == (2, 0, 0)
+    with pytest.raises(IterationError, match=r"^round 1: [01] pairs to train on from 8 prompts"):
+        run(setup, "drop", rounds=1, min_gap=0.0, incomplete="drop")
+    assert not (round_dir(setup["dir"] / "drop", 1) / "summary.json").exists()
 
 
 @pytest.mark.parametrize("mode", ["raise", "nan", "count"])
@@ -392,7 +405,8 @@ def test_cli_iterate_runs_resumes_and_refuses_other_settings(setup):
     def iterate_args(out, *extra):
         return ("iterate", "--model", setup["model"], "--prompts", setup["prompts"], "--eval-dataset", setup["test"],
                 "--out", out, "--rounds", 1, "--samples-per-prompt", 2, "--min-gap", 0, "--sample-max-new-tokens", 6,
-                "--max-new-tokens", 6, "--eval-samples", 1, "--max-eval-prompts", 2, "--batch-size", 4,
+                "--max-new-tokens", 6,
+                "--incomplete", "keep", "--eval-samples", 1, "--max-eval-prompts", 2, "--batch-size", 4,
                 "--grad-accum", 1, "--max-steps", 2, "--precision", "fp32", "--print-every", 0, *extra)
 
     out = setup["dir"] / "cli"

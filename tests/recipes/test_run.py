@@ -141,6 +141,7 @@ def test_summarize_paired_figures():
         "win_rate": 0.625, "win_rate_se": 0.2393568,
         "kl_to_reference": 1.5, "kl_to_reference_se": 0.25,
     }
+    assert out.pop("rewards_after") == [0.5, 0.4, 0.9, 0.7]  # kept per sample, for paired comparisons of runs
     assert out.keys() == expected.keys()
     for k, v in expected.items():
         assert out[k] == pytest.approx(v, abs=1e-7), k
