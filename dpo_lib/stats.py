@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass
 
 __all__ = ["Estimate", "arms_difference", "gain", "mean_se", "over_seeds_and_prompts", "paired_difference",
-           "seed_average", "seed_averaged_se"]
+           "seed_average", "seed_averaged_se", "t_cdf", "t_quantile"]
 
 
 @dataclass(frozen=True)
@@ -176,3 +176,31 @@ def arms_difference(gain_a, gain_b) -> Estimate:
     of their per-prompt gains (the baseline cancels). Each gain is one value per prompt, or a list of per-seed
     lists of them, averaged per prompt first (:func:`seed_average`)."""
     return paired_difference(_per_prompt(gain_a, "gain_a"), _per_prompt(gain_b, "gain_b"))
+
+
+def t_cdf(t: float, df: int) -> float:
+    """P(T ≤ t) for Student's t with an integer ``df`` ≥ 1, in closed form (Abramowitz & Stegun 26.7.3–4:
+    with θ = atan(t/√df), a finite sum in cos²θ), so the doctor needs no scipy."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, term, total = math.cos(theta) ** 2, 1.0, 1.0
+    if df % 2:     # odd: (2/π)·(θ + sinθ·cosθ·(1 + 2/3·cos²θ + 2·4/(3·5)·cos⁴θ + … up to cos^(df−3)θ))
+        for k in range(1, (df - 1) // 2):
+            term *= 2 * k / (2 * k + 1) * c2
+            total += term
+        inside = 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0))
+    else:          # even: sinθ·(1 + 1/2·cos²θ + 1·3/(2·4)·cos⁴θ + … up to cos^(df−2)θ)
+        for k in range(1, df // 2):
+            term *= (2 * k - 1) / (2 * k) * c2
+            total += term
+        inside = math.sin(theta) * total
+    return (1 + inside) / 2    # inside = P(|T| < t)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile (0.5 < p < 1) of Student's t with ``df`` degrees of freedom, by bisection on
+    :func:`t_cdf`; e.g. 0.975: 12.71 (df 1), 4.30, 3.18, 2.78, 2.57, 2.45 (df 6), 2.23 (df 10), 2.04 (df 30)."""
+    lo, hi = 0.0, 1e4
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2

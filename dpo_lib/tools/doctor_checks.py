@@ -3,22 +3,20 @@ threshold its definition gives (derived in the check's docstring, quoted in its 
 
 Conventions (COURSE.md; TRL's): rewards include β, ``rewards/chosen = β·(log π(y_w) − log π_ref(y_w))``,
 so a negative chosen reward means the chosen reply became less likely than under the reference;
-margin = rewards/chosen − rewards/rejected = βh, and a pair's DPO gradient weight is σ(−βh).
-
-:func:`diagnose` runs every check of :data:`CHECKS` on a :class:`dpo_lib.tools.doctor_run.Run` and
-returns :class:`Finding` objects (the ``--json`` schema of issue 34), problems first.
-"""
+margin = rewards/chosen − rewards/rejected = βh, and a pair's DPO gradient weight is σ(−βh). :func:`diagnose` runs
+every check of :data:`CHECKS` on a :class:`~dpo_lib.tools.doctor_run.Run`: :class:`Finding` objects, problems first."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from dpo_lib.tools.doctor_run import Run, finite, mean_se, series, span, tail
+from dpo_lib.stats import t_cdf, t_quantile
+from dpo_lib.tools.doctor_run import Run, finite, kendall_z, mean_se, rolling_median, series, sigmoid, span, tail
 
 __all__ = ["CHECKS", "HAIR", "LN2", "MIN_MEANS", "ORDER", "SATURATED", "Finding", "check_displacement",
            "check_grad_explosion", "check_length_growth", "check_no_learning", "check_nonfinite", "check_overfitting",
-           "check_reference", "check_saturation", "diagnose", "t_cdf", "t_quantile"]
+           "check_reference", "check_saturation", "diagnose"]
 
 REFERENCE_FREE = ("simpo", "orpo")
 LN2 = math.log(2)
@@ -43,10 +41,6 @@ class Finding:
     def to_json(self) -> dict:
         return {"id": self.id, "severity": self.severity, "steps": self.steps, "evidence": self.evidence,
                 "meaning": self.meaning, "lesson": self.lesson, "try": self.try_}
-
-
-def _sigmoid(x: float) -> float:
-    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
 
 def _nats(reward: float, beta: float | None) -> str:
@@ -146,34 +140,6 @@ def check_no_learning(run: Run) -> list[Finding]:
                     "check the learning rate and its warm-up, that the weights (or LoRA adapters) require grad and "
                     "are in the optimizer, that the completion mask is not empty, that β is not ≈ 0, and that chosen "
                     "and rejected differ")]
-
-
-def t_cdf(t: float, df: int) -> float:
-    """P(T ≤ t) for Student's t with an integer ``df`` ≥ 1, in closed form (Abramowitz & Stegun 26.7.3–4:
-    with θ = atan(t/√df), a finite sum in cos²θ), so the doctor needs no scipy."""
-    theta = math.atan(t / math.sqrt(df))
-    c2, term, total = math.cos(theta) ** 2, 1.0, 1.0
-    if df % 2:     # odd: (2/π)·(θ + sinθ·cosθ·(1 + 2/3·cos²θ + 2·4/(3·5)·cos⁴θ + … up to cos^(df−3)θ))
-        for k in range(1, (df - 1) // 2):
-            term *= 2 * k / (2 * k + 1) * c2
-            total += term
-        inside = 2 / math.pi * (theta + (math.sin(theta) * math.cos(theta) * total if df > 1 else 0.0))
-    else:          # even: sinθ·(1 + 1/2·cos²θ + 1·3/(2·4)·cos⁴θ + … up to cos^(df−2)θ)
-        for k in range(1, df // 2):
-            term *= (2 * k - 1) / (2 * k) * c2
-            total += term
-        inside = math.sin(theta) * total
-    return (1 + inside) / 2    # inside = P(|T| < t)
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The ``p`` quantile (0.5 < p < 1) of Student's t with ``df`` degrees of freedom, by bisection on
-    :func:`t_cdf`; e.g. 0.975: 12.71 (df 1), 4.30, 3.18, 2.78, 2.57, 2.45 (df 6), 2.23 (df 10), 2.04 (df 30)."""
-    lo, hi = 0.0, 1e4
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
 
 
 MIN_MEANS = 7  # training-batch means a 2-SE call needs; on fewer, Student's t 97.5% quantile (check_displacement)
@@ -358,7 +324,7 @@ def check_saturation(run: Run) -> list[Finding]:
     margin = tail(series(run, "rewards/margins"))
     if run.loss_type not in SIGMOID_LIKE or len(margin) < 3:
         return []
-    weight = sum(_sigmoid(-v) for _, v in margin) / len(margin)
+    weight = sum(sigmoid(-v) for _, v in margin) / len(margin)
     if weight >= SATURATED:
         return []
     m = mean_se([v for _, v in margin])[0]
@@ -374,14 +340,6 @@ def check_saturation(run: Run) -> list[Finding]:
                     "but lets the policy drift further from the reference; IPO (--loss-type ipo) does not saturate")]
 
 
-def _rolling_median(values: list[float], w: int = 3) -> list[float]:
-    out = []
-    for i in range(len(values)):
-        window = sorted(values[max(0, i - w // 2):i + w // 2 + 1])
-        out.append(window[len(window) // 2])
-    return out
-
-
 def check_grad_explosion(run: Run) -> list[Finding]:
     """The gradient norm grows by an order of magnitude over its early level (median of 3, so not one spike)."""
     g = [(s, v) for s, v in series(run, "grad_norm") if v > 0]
@@ -389,7 +347,7 @@ def check_grad_explosion(run: Run) -> list[Finding]:
         return []
     early = sorted(v for _, v in g[:max(3, len(g) // 10)])
     base = early[len(early) // 2]
-    smooth = _rolling_median([v for _, v in g])
+    smooth = rolling_median([v for _, v in g])
     steps = [s for (s, _), v in zip(g, smooth) if v >= ORDER * base]
     if not steps:
         return []
@@ -405,14 +363,6 @@ def check_grad_explosion(run: Run) -> list[Finding]:
                     "of fp16; look at the pairs of the steps where it starts (very long or empty replies)")]
 
 
-def _kendall_z(values: list[float]) -> float:
-    """Kendall's τ of the values against their order, in units of its SE under no trend."""
-    n = len(values)
-    s = sum((values[j] > values[i]) - (values[j] < values[i]) for i in range(n) for j in range(i + 1, n))
-    tau = 2 * s / (n * (n - 1))
-    return tau / math.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1)))
-
-
 def check_length_growth(run: Run) -> list[Finding]:
     """Where lengths are logged (any metric named ``*length*``): answers growing step after step (lesson 06, Part 3)."""
     findings = []
@@ -421,7 +371,7 @@ def check_length_growth(run: Run) -> list[Finding]:
         s = series(run, key)
         if len(s) < 5:
             continue
-        z, first, last = _kendall_z([v for _, v in s]), s[0][1], mean_se([v for _, v in tail(s)])[0]
+        z, first, last = kendall_z([v for _, v in s]), s[0][1], mean_se([v for _, v in tail(s)])[0]
         if z <= 2 or last <= first:
             continue
         findings.append(Finding("length_growth", "warning", [s_ for s_, _ in s],

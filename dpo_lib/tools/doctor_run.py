@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from dpo_lib import stats
 
-__all__ = ["Run", "finite", "mean_se", "series", "span", "tail"]
+__all__ = ["Run", "finite", "kendall_z", "mean_se", "rolling_median", "series", "sigmoid", "span", "tail"]
 
 
 @dataclass
@@ -65,3 +65,23 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 def span(s: list) -> str:
     """``steps FIRST–LAST`` of a ``(step, value)`` series."""
     return f"steps {s[0][0]}–{s[-1][0]}"
+
+
+def rolling_median(values: list[float], w: int = 3) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        window = sorted(values[max(0, i - w // 2):i + w // 2 + 1])
+        out.append(window[len(window) // 2])
+    return out
+
+
+def kendall_z(values: list[float]) -> float:
+    """Kendall's τ of the values against their order, in units of its SE under no trend."""
+    n = len(values)
+    s = sum((values[j] > values[i]) - (values[j] < values[i]) for i in range(n) for j in range(i + 1, n))
+    tau = 2 * s / (n * (n - 1))
+    return tau / math.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1)))
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))

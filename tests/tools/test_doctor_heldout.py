@@ -13,8 +13,9 @@ import math
 
 import pytest
 
+from dpo_lib.stats import t_cdf, t_quantile
 from dpo_lib.tools.doctor import main, read_run, run_from_history
-from dpo_lib.tools.doctor_checks import MIN_MEANS, diagnose, t_cdf, t_quantile
+from dpo_lib.tools.doctor_checks import MIN_MEANS, diagnose
 
 BETA = 0.1
 CONFIG = {"beta": BETA, "loss_type": "sigmoid"}
