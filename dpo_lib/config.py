@@ -47,6 +47,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")        # dpo_lib.precision
 JUDGES = ("sentiment",)            # judges available offline by name (dpo_lib.rewards.REWARDS); others via the API
 REFERENCE_MODES = ("initial", "previous")
+# the TrainConfig speed switches `bench --vs lever` turns off one at a time
+BENCH_LEVERS = ("sort_by_length", "compact_lm_head", "shared_prompt", "sparse_embedding_grad")
 INCOMPLETE = ("trim", "drop", "keep")  # what `pairs` does with an answer the token cap cut (dpo_lib.sampling)
 # what a train run writes in --out: folders, then files (dpo_lib.recipes.train)
 RUN_FOLDERS = ("final", "checkpoints", "cache")
@@ -120,9 +122,13 @@ class TrainConfig(Checked):
     save_every: int = setting(0, "write a resumable checkpoint every N steps (0: none)", at_least(0))
     keep_checkpoints: int = setting(2, "how many checkpoints to keep", at_least(1))
     shuffle: bool = setting(True, "shuffle the pairs each epoch (off: file order)")
-    # the two speed levers: same loss to float rounding, fewer FLOPs (python -m dpo_lib bench)
+    # the speed levers: same loss to float rounding, less work (python -m dpo_lib bench)
     sort_by_length: bool = setting(True, "sort each step's pairs by length into micro-batches: less padding")
     compact_lm_head: bool = setting(True, "LM head only on the positions that score a completion token")
+    shared_prompt: bool = setting(True, "with the compact LM head: one row [prompt | chosen | rejected] per pair, "
+                                  "the prompt's tokens through the model once instead of twice")
+    sparse_embedding_grad: bool = setting(True, "a tied input embedding gets a sparse gradient (no dense [V, d] "
+                                          "fill per micro-batch; the weight's .grad stays dense)")
     precision: str = setting("auto", "bf16: forwards under bf16 autocast (weights and optimizer stay float32); "
                              "fp16: the same in float16 with a dynamic loss scaler (GPUs without bf16); "
                              "auto: a GPU's bf16, else fp16; on a CPU bf16 only where a start-up probe measures "
@@ -314,7 +320,9 @@ class BenchConfig(Checked):
     """``python -m dpo_lib bench --vs trl``: dpo_lib's trainer against TRL's on the same work
     (:mod:`dpo_lib.tools.bench`)."""
 
-    vs: str = setting("trl", "what to compare with", choices=("trl",))
+    vs: str = setting("trl", "trl: TRL's DPOTrainer; lever: dpo_lib without --lever", choices=("trl", "lever"))
+    lever: str | None = setting(None, "with --vs lever: the lever to measure, on against off",
+                                optional(one_of(BENCH_LEVERS)), choices=BENCH_LEVERS)
     json: Path | None = setting(None, "write the results to this JSON file", optional(output_file))
     model: str | None = setting(None, "model folder (default: the embedded SmolLM2-135M-Instruct)",
                                 optional(model_source))
@@ -339,6 +347,9 @@ class BenchConfig(Checked):
     def check_combinations(self) -> None:
         if same_file(self.json, self.dataset):
             raise ConfigError("json", f"is the --dataset file {self.dataset}: writing would overwrite the data")
+        if (self.vs == "lever") != (self.lever is not None):
+            raise ConfigError("lever", "names the lever to measure with --vs lever, and only then "
+                              f"(one of {', '.join(BENCH_LEVERS)})")
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ConfigError("micro_batch_size", f"must divide --batch-size {self.batch_size} "
                               f"(got {self.micro_batch_size})")

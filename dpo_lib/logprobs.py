@@ -32,9 +32,12 @@ log-softmax-gather whose backward writes the logits gradient in place
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
-__all__ = ["concatenated_forward", "linear_token_logprobs", "sequence_logprobs", "token_logprobs"]
+__all__ = ["SHARED_PROMPT_ATTENTION", "concatenated_forward", "linear_token_logprobs", "sequence_logprobs",
+           "shared_prompt_layout", "sparse_embedding_grad", "token_logprobs"]
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -117,6 +120,41 @@ def linear_token_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, target
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+@contextmanager
+def sparse_embedding_grad(model, enabled: bool = True):
+    """Forwards inside give the input embedding a *sparse* gradient, where the embedding is tied to the LM
+    head (SmolLM2, Llama 3.2 1B …) and trains.
+
+    Why: an ``nn.Embedding``'s backward fills a dense ``[V, d]`` zero tensor and adds the rows of the
+    batch's tokens; autograd then adds it to the LM head's dense ``[V, d]`` gradient of the same tied
+    weight. For a 49k × 576 vocabulary that is two passes over 113 MB of float32 per micro-batch for
+    a few hundred non-zero rows. A sparse embedding gradient is added into the head's dense one row by
+    row instead, so the weight's ``.grad`` is dense as before (the fused AdamW needs that) and equal to
+    it up to the order in which a repeated token's rows are summed. Untied or frozen embeddings, and
+    models wrapped for several processes, are left as they are (their ``.grad`` would be sparse)."""
+    embedding = _tied_trainable_embedding(model) if enabled else None
+    if embedding is None:
+        yield
+        return
+    before, embedding.sparse = embedding.sparse, True
+    try:
+        yield
+    finally:
+        embedding.sparse = before
+
+
+def _tied_trainable_embedding(model) -> torch.nn.Embedding | None:
+    """The model's input ``nn.Embedding`` when it shares its weight with the LM head and that weight trains."""
+    try:
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    if type(embedding) is not torch.nn.Embedding or head is None or getattr(head, "weight", None) is None:
+        return None
+    tied = embedding.weight is head.weight and embedding.weight.requires_grad
+    return embedding if tied else None
+
+
 _LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
                     "lm_head_multiplier")
 
@@ -144,8 +182,94 @@ def _compact_head_parts(model):
     return decoder, lm_head
 
 
-def concatenated_forward(model, batch: dict, average: bool = False,
-                         compact_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_prompt_layout(batch: dict, pad_id: int = 0) -> dict | None:
+    """One row per pair, ``[prompt | chosen | rejected]``, from a collated ``[chosen; rejected]`` batch (2B rows).
+
+    The chosen and the rejected sequence of a pair share their prompt, so its tokens need one pass, not two:
+    the rejected tokens attend to the prompt and to themselves, never to the chosen tokens, and take the
+    positions they have in their own sequence (``P .. P+R-1``), so each token sees exactly the context and
+    the rotary positions it has in the two-row layout. The rejected reply's first token is scored by the
+    prompt's last hidden state, like the chosen one's.
+
+    Returns ``input_ids`` and ``position_ids`` ``(B, L)``, ``allowed`` ``(B, 1, L, L)`` (True: query may attend
+    to key), and the scored tokens: ``hidden_index`` ``(M, 2)`` (row, position of the hidden state that scores
+    each), ``targets`` ``(M,)``, ``out_rows`` ``(M,)`` (i for the chosen reply of pair i, B+i for its rejected
+    one). ``None`` when a pair does not fit it (different prompts, scored tokens not one contiguous run).
+    """
+    ids, attn, scored = (batch[k].tolist() for k in ("input_ids", "attention_mask", "completion_mask"))
+    B = len(ids) // 2
+    rows = []
+    for i in range(B):
+        seqs = []
+        for r in (i, B + i):
+            tokens = [t for t, a in zip(ids[r], attn[r]) if a]                   # left or right padding dropped
+            marks = [m for m, a in zip(scored[r], attn[r]) if a]
+            first = marks.index(1) if 1 in marks else 0
+            end = len(marks) - marks[::-1].index(1) if 1 in marks else 0
+            if first < 1 or not all(marks[first:end]):
+                return None
+            seqs.append((tokens[:first], tokens[first:end]))
+        (prompt, chosen), (prompt_r, rejected) = seqs
+        if prompt != prompt_r:
+            return None
+        rows.append((prompt, chosen, rejected))
+    L = max(len(p) + len(c) + len(r) for p, c, r in rows)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((B, L), dtype=torch.long)
+    allowed = torch.zeros((B, 1, L, L), dtype=torch.bool)
+    causal = torch.ones((L, L), dtype=torch.bool).tril()                          # (L, L) key <= query
+    hidden_index, targets, out_rows = [], [], []
+    for i, (prompt, chosen, rejected) in enumerate(rows):
+        P, C, R = len(prompt), len(chosen), len(rejected)
+        n = P + C + R
+        input_ids[i, :n] = torch.tensor(prompt + chosen + rejected)
+        position_ids[i, :n] = torch.cat([torch.arange(P + C), torch.arange(P, P + R)])
+        allowed[i, 0, :n, :n] = causal[:n, :n]
+        allowed[i, 0, P + C:n, P:P + C] = False                                   # rejected never sees chosen
+        allowed[i, 0, n:, 0] = True                                               # padding rows: one key, no NaN
+        hidden_index += [(i, P - 1 + j) for j in range(C)] + [(i, P - 1)] + [(i, P + C + k) for k in range(R - 1)]
+        targets += chosen + rejected
+        out_rows += [i] * C + [B + i] * R
+    return {"input_ids": input_ids, "position_ids": position_ids, "allowed": allowed,
+            "hidden_index": torch.tensor(hidden_index), "targets": torch.tensor(targets),
+            "out_rows": torch.tensor(out_rows)}
+
+
+SHARED_PROMPT_ATTENTION = ("eager", "sdpa")  # attention implementations that take a custom 4D mask as given
+
+
+def _shared_prompt_forward(model, parts, batch: dict, average: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`concatenated_forward` on the :func:`shared_prompt_layout`; ``None`` where it does not apply."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) not in SHARED_PROMPT_ATTENTION:
+        return None
+    layout = shared_prompt_layout(batch)
+    if layout is None:
+        return None
+    device = batch["input_ids"].device
+    allowed = layout["allowed"].to(device)                                       # (B, 1, L, L)
+    if config._attn_implementation == "eager":                                   # eager adds the mask to the scores
+        dtype = next(model.parameters()).dtype
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    decoder, lm_head = parts
+    seen = {}
+    handle = decoder.register_forward_hook(lambda mod, args, out: seen.__setitem__("h", out[0]))
+    try:
+        model(input_ids=layout["input_ids"].to(device), attention_mask=allowed,
+              position_ids=layout["position_ids"].to(device), use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    index, out_rows = layout["hidden_index"].to(device), layout["out_rows"].to(device)
+    hidden = seen["h"][index[:, 0], index[:, 1]]                                  # (M, d)
+    per_token = linear_token_logprobs(hidden, lm_head, layout["targets"].to(device))  # (M,) float32
+    logps = per_token.new_zeros(batch["input_ids"].shape[0]).index_add(0, out_rows, per_token)  # (2B,)
+    if average:
+        logps = logps / torch.bincount(out_rows, minlength=logps.shape[0]).clamp(min=1)
+    return logps.chunk(2)
+
+
+def concatenated_forward(model, batch: dict, average: bool = False, compact_head: bool = False,
+                         shared_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over the ``[chosen; rejected]`` batch of :func:`dpo_lib.features.collate`.
 
     Returns ``(chosen_logps, rejected_logps)``, each ``[B]``. One forward instead of two
@@ -160,6 +284,11 @@ def concatenated_forward(model, batch: dict, average: bool = False,
     (``logits_to_keep``): logits over the shared prompt prefix are never needed, and with
     a 49k vocabulary they are most of the step's memory.
 
+    ``shared_prompt=True`` (with ``compact_head``) runs each pair as one row ``[prompt | chosen | rejected]``
+    (:func:`shared_prompt_layout`): the prompt's tokens go through the model once instead of twice, the same
+    numbers to float rounding. It falls back to the two-row layout where the attention implementation cannot
+    take a custom mask (:data:`SHARED_PROMPT_ATTENTION`) or a pair's prompts differ.
+
     The log-probs are fp32 even from a bf16/fp16 model: the logits are upcast before they
     are summed (see the module docstring).
     """
@@ -173,6 +302,9 @@ def concatenated_forward(model, batch: dict, average: bool = False,
     attention_mask = batch["attention_mask"]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)                   # left padding works too
     parts = _compact_head_parts(model) if compact_head else None
+    shared = _shared_prompt_forward(model, parts, batch, average) if parts is not None and shared_prompt else None
+    if shared is not None:
+        return shared
     if parts is not None:
         decoder, lm_head = parts
         seen = {}

@@ -15,7 +15,10 @@ the table; :mod:`dpo_lib.checkpoints` writes and reads the resumable checkpoints
 Speed (on by default; same maths, fewer FLOPs — see ``python -m dpo_lib bench``):
 ``sort_by_length`` orders each step's pairs by length before cutting them into the
 ``grad_accum`` micro-batches, so each micro-batch is padded only to its own longest pair;
-``compact_lm_head`` runs the LM head only on the positions that score a completion token.
+``compact_lm_head`` runs the LM head only on the positions that score a completion token, and with it
+``shared_prompt`` runs each pair as one row ``[prompt | chosen | rejected]`` (the prompt once, not twice);
+``sparse_embedding_grad`` gives a tied input embedding a sparse gradient, added row by row into the
+LM head's dense one (:func:`dpo_lib.logprobs.sparse_embedding_grad`).
 ``precision="bf16"`` runs the forward under bf16 autocast (:func:`dpo_lib.precision.autocast`);
 then compute the reference log-probs under the same autocast, or step-0 rewards are not 0.
 ``precision="fp16"`` (GPUs without bf16) adds a dynamic loss scaler in the backend (:mod:`dpo_lib.amp`):
@@ -55,7 +58,7 @@ from dpo_lib.config import TrainConfig
 from dpo_lib.distributed import backend_for
 from dpo_lib.features import batch_to, collate, pair_length
 from dpo_lib.logger import MetricsLogger
-from dpo_lib.logprobs import concatenated_forward
+from dpo_lib.logprobs import concatenated_forward, sparse_embedding_grad
 from dpo_lib.losses import LOSSES, chosen_nll, dpo_loss, loss_params, needs_reference
 from dpo_lib.precision import autocast, resolve_precision
 from dpo_lib.reference import FrozenReference
@@ -176,8 +179,9 @@ def batch_loss(model, batch: dict, c: TrainConfig, reference=None, device="cpu",
     loss ``c.loss_type`` of the registry (:mod:`dpo_lib.losses`) with its own parameters, and
     ``c.nll_weight`` times the chosen reply's NLL. ``logps/*`` are the summed log-probs for every loss;
     for ``orpo``, ``nll`` is the NLL part of its loss (already inside ``loss``)."""
-    with autocast(c.precision, device):
-        chosen, rejected = concatenated_forward(model, batch, compact_head=c.compact_lm_head)  # (B,), (B,)
+    with autocast(c.precision, device), sparse_embedding_grad(model, c.sparse_embedding_grad):
+        chosen, rejected = concatenated_forward(model, batch, compact_head=c.compact_lm_head,   # (B,), (B,)
+                                                shared_prompt=c.shared_prompt)
     n_chosen, n_rejected = completion_lengths(batch)                               # (B,), (B,)
     ref_chosen = ref_rejected = None
     if needs_reference(c.loss_type):

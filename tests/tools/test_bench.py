@@ -40,3 +40,33 @@ def test_bench_says_when_the_data_is_too_short(tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", toy_rows(4))
     assert main(["bench", "--model", str(model), "--dataset", str(data), "--steps", "2", "--batch-size", "4"]) == 2
     assert "need 8" in capsys.readouterr().err
+
+
+def test_bench_measures_one_lever_on_against_off(tmp_path, capsys):
+    """--vs lever: dpo_lib with the lever and without it, alternating; the ratio is with / without and the
+    losses agree to float32 rounding (the lever changes the order of a sum, not the maths)."""
+    model = save_tiny(tmp_path / "model")
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_rows(12))
+    out = tmp_path / "lever.json"
+    status = main(["bench", "--vs", "lever", "--lever", "sparse_embedding_grad", "--model", str(model),
+                   "--dataset", str(data), "--steps", "2", "--batch-size", "4", "--repeats", "1", "--threads", "1",
+                   "--peak-flops", "1e11", "--json", str(out)])
+    assert status == 0
+    r = json.loads(out.read_text())
+    assert r["baseline"] == "without_sparse_embedding_grad" and "trl" not in r
+    assert r["settings"]["lever"] == "sparse_embedding_grad"
+    base = r["without_sparse_embedding_grad"]
+    assert r["throughput_ratio"] == pytest.approx(r["dpo_lib"]["tokens_per_second"] / base["tokens_per_second"])
+    assert r["loss_tolerance"] == 1e-4 and r["loss_max_abs_diff"] <= 1e-4 and r["same_tokens"] is True
+    assert abs(r["losses"]["dpo_lib"][0] - 0.693147) < 1e-5
+    assert "without_sparse_embedding_grad" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--vs", "lever"], ["--lever", "compact_lm_head"], ["--vs", "lever", "--lever", "x"]])
+def test_bench_lever_flags_are_checked(tmp_path, capsys, argv):
+    try:
+        status = main(["bench", *argv])
+    except SystemExit as e:                          # argparse refuses an unknown choice itself
+        status = e.code
+    assert status == 2
+    assert "lever" in capsys.readouterr().err

@@ -60,6 +60,14 @@ GPU it runs the whole batch in one forward.
 Defaults: 5 steps of 4 pairs, 2 repeats: the CPU run takes 4-5 minutes on 2 cores, most of it
 TRL's steps. The first step of each run is a warm-up and is not timed.
 
+One lever at a time: ``--vs lever --lever NAME`` runs dpo_lib with the lever and without it (everything
+else the same), alternating, no TRL; ``throughput_ratio`` is then with / without, on the same machine in
+one run, and the loss check compares the two (same tolerances: a lever that changes the order of a sum
+moves bf16 losses by up to ~1e-2, as TRL's kernels do). Levers: ``sort_by_length``,
+``compact_lm_head`` and ``shared_prompt`` (each off also in the reference precompute),
+``sparse_embedding_grad``
+(:data:`dpo_lib.config.BENCH_LEVERS`).
+
 GPU: ``--device cuda --dtype bf16`` runs both with bf16 autocast on fp32 master weights
 (TRL ``bf16=True``; dpo_lib through ``accelerate.Accelerator(mixed_precision="bf16")``).
 """
@@ -79,7 +87,7 @@ from pathlib import Path
 from dpo_lib.config import REPO_DATA
 from dpo_lib.tools.bench.worker import pair_tokens
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["main"]  # the flags: dpo_lib.config.BenchConfig
 
 LOSS_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}  # max |loss difference| per step; the reasons: module docstring
 BENCH_PACKAGES = ("torch", "transformers", "trl", "accelerate", "datasets")   # the versions the report records
@@ -88,28 +96,6 @@ BENCH_PACKAGES = ("torch", "transformers", "trl", "accelerate", "datasets")   # 
 def default_dataset() -> Path:
     sentiment = REPO_DATA / "sentiment" / "train.jsonl"
     return sentiment if sentiment.is_file() else REPO_DATA / "assistant" / "train.jsonl"
-
-
-def add_arguments(p) -> None:
-    p.add_argument("--vs", default="trl", choices=["trl"], help="what to compare with (default: %(default)s)")
-    p.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
-    p.add_argument("--model", default=None, help="model folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dataset", type=Path, default=None,
-                   help="preference JSONL (default: data/sentiment/train.jsonl, else data/assistant/train.jsonl)")
-    p.add_argument("--steps", type=int, default=5, help="optimizer steps per run (the first is not timed)")
-    p.add_argument("--batch-size", type=int, default=4, help="pairs per optimizer step")
-    p.add_argument("--micro-batch-size", type=int, default=None,
-                   help="dpo_lib pairs per forward (default: up to 4 on a CPU, the whole batch on a GPU)")
-    p.add_argument("--max-length", type=int, default=160, help="tokens per prompt+response; longer pairs are skipped")
-    p.add_argument("--repeats", type=int, default=2, help="runs of each trainer, alternating")
-    p.add_argument("--learning-rate", type=float, default=1e-5)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run (default: all cores)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, fp32 master weights")
-    p.add_argument("--peak-flops", type=float, default=None,
-                   help="peak FLOP/s for MFU (default: the GPU's data sheet, or a timed matmul on the CPU)")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -213,20 +199,29 @@ def _prepare(args) -> tuple[dict, Path, int] | int:
         print(f"error: only {len(rows)} pairs of {dataset} fit --max-length {args.max_length}; "
               f"{args.steps} steps x {args.batch_size} pairs need {need}", file=sys.stderr)
         return 2
-    spec = {"model": args.model, "rows": rows, "steps": args.steps, "batch_size": args.batch_size,
+    spec = {"model": args.model, "lever": args.lever if args.vs == "lever" else None, "rows": rows,
+            "steps": args.steps, "batch_size": args.batch_size,
             "micro_batch_size": micro, "max_length": args.max_length, "learning_rate": args.learning_rate,
             "beta": args.beta, "seed": args.seed, "threads": threads, "device": device, "dtype": args.dtype,
             "tokens": sum(pair_tokens(f) for f in features)}
     return spec, dataset, skipped
 
 
+def _baseline(spec: dict) -> str:
+    """The name of what dpo_lib is compared with: ``trl``, or ``without_LEVER``."""
+    return f"without_{spec['lever']}" if spec.get("lever") else "trl"
+
+
 def _run_alternating(spec: dict, repeats: int) -> dict[str, list[dict]]:
-    """``repeats`` runs of each trainer, alternating (TRL, dpo_lib, TRL, ...), each in a fresh process."""
-    runs: dict[str, list[dict]] = {"trl": [], "dpo_lib": []}
+    """``repeats`` runs of each arm, alternating (baseline, dpo_lib, baseline, ...), each in a fresh process."""
+    base = _baseline(spec)
+    runs: dict[str, list[dict]] = {base: [], "dpo_lib": []}
+    arms = {base: dict(spec, impl="dpo_lib", levers_off=[spec["lever"]]) if spec.get("lever") else
+            dict(spec, impl="trl"), "dpo_lib": dict(spec, impl="dpo_lib", levers_off=[])}
     with tempfile.TemporaryDirectory(prefix="dpo_lib-bench-") as tmp:
         for r in range(repeats):
-            for impl in ("trl", "dpo_lib"):
-                res = _spawn(dict(spec, impl=impl), Path(tmp), len(runs["trl"]) + len(runs["dpo_lib"]))
+            for impl, arm in arms.items():
+                res = _spawn(arm, Path(tmp), sum(len(v) for v in runs.values()))
                 runs[impl].append(res)
                 print(f"[bench] run {r + 1}/{repeats} {impl:<7}: {res['tokens_per_second']:8.1f} tokens/s, "
                       f"{res['seconds_per_step']:.2f} s/step, peak {_fmt_bytes(res['peak_memory_bytes'])}, "
@@ -257,9 +252,9 @@ def _result(args, spec: dict, dataset: Path, machine: dict, runs: dict, peak: fl
     """The JSON report: settings, versions, per-trainer medians, the ratios and the loss check."""
     from dpo_lib.logger import package_versions
 
-    summary = _summary(runs, peak)
-    t, d = summary["trl"], summary["dpo_lib"]
-    diffs = [abs(a - b) for dr in runs["dpo_lib"] for tr in runs["trl"] for a, b in zip(dr["losses"], tr["losses"])]
+    summary, base = _summary(runs, peak), _baseline(spec)
+    t, d = summary[base], summary["dpo_lib"]
+    diffs = [abs(a - b) for dr in runs["dpo_lib"] for tr in runs[base] for a, b in zip(dr["losses"], tr["losses"])]
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "machine": machine, "versions": package_versions(BENCH_PACKAGES),
@@ -268,17 +263,19 @@ def _result(args, spec: dict, dataset: Path, machine: dict, runs: dict, peak: fl
                      "dpo_lib_micro_batch_size": spec["micro_batch_size"], "max_length": args.max_length,
                      "learning_rate": args.learning_rate, "beta": args.beta, "repeats": args.repeats,
                      "device": spec["device"], "dtype": args.dtype, "threads": spec["threads"],
-                     "order": "alternating: trl, dpo_lib, ..."},
+                     "order": f"alternating: {base}, dpo_lib, ...", "lever": spec.get("lever")},
         "what_is_timed": WHAT_IS_TIMED,
         "dpo_lib_levers": ["reference log-probs precomputed by the policy itself before training (no second model)",
                            "pairs sorted by length into micro-batches (less padding, same loss)",
-                           "LM head only on scored positions (compact_lm_head), fused log-softmax gather"],
-        "trl": t, "dpo_lib": d,
+                           "LM head only on scored positions (compact_lm_head), fused log-softmax gather",
+                           "one row [prompt | chosen | rejected] per pair: the prompt once (shared_prompt)",
+                           "a sparse gradient for the tied input embedding (sparse_embedding_grad)"],
+        "baseline": base, base: t, "dpo_lib": d,
         "throughput_ratio": d["tokens_per_second"] / t["tokens_per_second"],
         "end_to_end_ratio": t["total_seconds"] / d["total_seconds"],
         "cpu_time_throughput_ratio": d["tokens_per_cpu_second"] / t["tokens_per_cpu_second"],
         "per_repeat_throughput_ratios": [dr["tokens_per_second"] / tr["tokens_per_second"]
-                                         for tr, dr in zip(runs["trl"], runs["dpo_lib"])],
+                                         for tr, dr in zip(runs[base], runs["dpo_lib"])],
         "peak_memory_ratio": d["peak_memory_bytes"] / t["peak_memory_bytes"],
         "peak_memory_kind": ("torch.cuda.max_memory_allocated" if spec["device"] == "cuda"
                              else "ru_maxrss of the run's process"),
@@ -286,7 +283,7 @@ def _result(args, spec: dict, dataset: Path, machine: dict, runs: dict, peak: fl
         "mfu_definition": ("model FLOPs of DPO per step (policy 6N per token + 6dV per scored token, reference "
                            "2N + 2dV: dpo_lib.tools.flops), the same for both trainers, over the time of "
                            "tokens_per_second"),
-        "losses": {"trl": runs["trl"][0]["losses"], "dpo_lib": runs["dpo_lib"][0]["losses"]},
+        "losses": {base: runs[base][0]["losses"], "dpo_lib": runs["dpo_lib"][0]["losses"]},
         "loss_max_abs_diff": max(diffs) if diffs else float("nan"),
         "loss_tolerance": LOSS_TOLERANCE[spec["dtype"]],
         "same_tokens": len({run["tokens_hash"] for rs in runs.values() for run in rs}) == 1,
@@ -299,8 +296,9 @@ def _result(args, spec: dict, dataset: Path, machine: dict, runs: dict, peak: fl
 
 
 def _print_report(result: dict) -> None:
-    t, d = result["trl"], result["dpo_lib"]
-    print(f"\n{'':<28}{'TRL':>14}{'dpo_lib':>14}{'ratio':>10}")
+    base = result["baseline"]
+    t, d = result[base], result["dpo_lib"]
+    print(f"\n{'':<28}{'TRL' if base == 'trl' else base:>14}{'dpo_lib':>14}{'ratio':>10}")
     print(f"{'tokens/s (steps 2..N)':<28}{t['tokens_per_second']:>14.1f}{d['tokens_per_second']:>14.1f}"
           f"{result['throughput_ratio']:>10.2f}")
     print(f"{'seconds/step (steps 2..N)':<28}{t['seconds_per_step']:>14.2f}{d['seconds_per_step']:>14.2f}")
@@ -313,7 +311,7 @@ def _print_report(result: dict) -> None:
     print(f"{'MFU':<28}{t['mfu']:>14.1%}{d['mfu']:>14.1%}   (peak {result['peak_flops'] / 1e9:,.0f} GFLOP/s, "
           f"{result['peak_flops_source']})")
     print("throughput ratio per repeat: " + ", ".join(f"{x:.2f}" for x in result["per_repeat_throughput_ratios"]))
-    print(f"loss trajectories: max |dpo_lib - TRL| = {result['loss_max_abs_diff']:.2e} "
+    print(f"loss trajectories: max |dpo_lib - {'TRL' if base == 'trl' else base}| = {result['loss_max_abs_diff']:.2e} "
           f"(tolerance {result['loss_tolerance']:g}: {'ok' if result['loss_within_tolerance'] else 'EXCEEDED'}); "
           f"same tokens: {result['same_tokens']}")
     print("timed: " + result["what_is_timed"])

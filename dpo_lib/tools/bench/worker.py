@@ -33,6 +33,8 @@ class PolicyAsReference:
 
     def __init__(self, model, spec: dict):
         self.model, self.spec = model, spec
+        off = spec.get("levers_off", [])
+        self.compact, self.shared = "compact_lm_head" not in off, "shared_prompt" not in off
 
     def __call__(self, batch: dict):
         import torch
@@ -45,14 +47,15 @@ class PolicyAsReference:
         try:
             with torch.no_grad(), autocast(self.spec["dtype"], self.spec["device"]):
                 batch = batch_to(batch, self.spec["device"])
-                chosen, rejected = concatenated_forward(self.model, batch, compact_head=True)
+                chosen, rejected = concatenated_forward(self.model, batch, compact_head=self.compact,
+                                                        shared_prompt=self.shared)
                 return chosen.float().cpu(), rejected.float().cpu()
         finally:
             self.model.train(was_training)
 
 
 def run_dpo_lib(spec: dict, model, tokenizer) -> dict:
-    from dpo_lib.config import TrainConfig
+    from dpo_lib.config import BENCH_LEVERS, TrainConfig
     from dpo_lib.features import token_ids_hash, tokenize_rows
     from dpo_lib.reference import precompute_reference_logps
     from dpo_lib.trainer import DPOTrainer
@@ -69,8 +72,8 @@ def run_dpo_lib(spec: dict, model, tokenizer) -> dict:
     config = TrainConfig(beta=spec["beta"], learning_rate=spec["learning_rate"], batch_size=spec["batch_size"],
                          grad_accum=spec["batch_size"] // micro, max_steps=spec["steps"], warmup_ratio=0.0,
                          schedule="constant", weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"],
-                         print_every=0, shuffle=False, sort_by_length=True, compact_lm_head=True,
-                         precision="fp32")  # bf16: autocast by the Accelerator below
+                         print_every=0, shuffle=False, precision="fp32",  # bf16: autocast by the Accelerator below
+                         **{lever: lever not in spec.get("levers_off", []) for lever in BENCH_LEVERS})
     accelerator = None
     if spec["device"] == "cuda" or spec["dtype"] == "bf16":
         from accelerate import Accelerator
