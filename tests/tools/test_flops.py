@@ -3,7 +3,8 @@
 ``FlopCounterMode`` counts every matmul that runs (``mm``/``bmm``/attention kernels with a FLOP
 formula) and nothing else. We run a real DPO step under it: the reference forward as
 :class:`dpo_lib.reference.FrozenReference` does it, then the policy's forward (``compact_head``,
-as the trainer's ``compact_lm_head``), DPO loss (:func:`dpo_lib.trainer.batch_loss`) and
+as the trainer's ``compact_lm_head``, in the two-row layout the hand count describes: ``shared_prompt`` off,
+whose saving is the prompt's tokens once per pair), DPO loss (:func:`dpo_lib.trainer.batch_loss`) and
 backward. The hand count is :func:`dpo_lib.tools.flops.dpo_step_flops`. They differ where they
 should, and only there, each difference computed below from the shapes:
 
@@ -98,7 +99,7 @@ def counted_step_flops(model, batch: dict) -> tuple[int, int]:
         ref_chosen, ref_rejected = reference(batch)
     batch = dict(batch, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
     with FlopCounterMode(display=False) as policy_counter:
-        loss, _ = batch_loss(model, batch, train_config(compact_lm_head=True))
+        loss, _ = batch_loss(model, batch, train_config(compact_lm_head=True, shared_prompt=False))  # two rows
         loss.backward()
     return policy_counter.get_total_flops(), ref_counter.get_total_flops()
 
