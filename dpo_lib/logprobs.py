@@ -182,6 +182,27 @@ def _compact_head_parts(model):
     return decoder, lm_head
 
 
+def _decoder_states(model, decoder, **inputs) -> torch.Tensor:
+    """The decoder's last hidden states ``(N, L, d)`` of ``model(**inputs)``, the model called as a whole (so DDP and
+    peft wrappers work) with its own LM head on one position only."""
+    seen = {}
+    handle = decoder.register_forward_hook(lambda mod, args, out: seen.__setitem__("h", out[0]))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return seen["h"]
+
+
+def _scored_sums(hidden, lm_head, targets, rows, n_rows: int, average: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(chosen, rejected)`` log-probs from ``hidden (M, d)`` scoring ``targets (M,)`` of sequence ``rows (M,)``."""
+    per_token = linear_token_logprobs(hidden, lm_head, targets)                   # (M,) float32
+    logps = per_token.new_zeros(n_rows).index_add(0, rows, per_token)             # (2B,)
+    if average:
+        logps = logps / torch.bincount(rows, minlength=n_rows).clamp(min=1)
+    return logps.chunk(2)
+
+
 def shared_prompt_layout(batch: dict, pad_id: int = 0) -> dict | None:
     """One row per pair, ``[prompt | chosen | rejected]``, from a collated ``[chosen; rejected]`` batch (2B rows).
 
@@ -252,20 +273,11 @@ def _shared_prompt_forward(model, parts, batch: dict, average: bool) -> tuple[to
         dtype = next(model.parameters()).dtype
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     decoder, lm_head = parts
-    seen = {}
-    handle = decoder.register_forward_hook(lambda mod, args, out: seen.__setitem__("h", out[0]))
-    try:
-        model(input_ids=layout["input_ids"].to(device), attention_mask=allowed,
-              position_ids=layout["position_ids"].to(device), use_cache=False, logits_to_keep=1)
-    finally:
-        handle.remove()
-    index, out_rows = layout["hidden_index"].to(device), layout["out_rows"].to(device)
-    hidden = seen["h"][index[:, 0], index[:, 1]]                                  # (M, d)
-    per_token = linear_token_logprobs(hidden, lm_head, layout["targets"].to(device))  # (M,) float32
-    logps = per_token.new_zeros(batch["input_ids"].shape[0]).index_add(0, out_rows, per_token)  # (2B,)
-    if average:
-        logps = logps / torch.bincount(out_rows, minlength=logps.shape[0]).clamp(min=1)
-    return logps.chunk(2)
+    states = _decoder_states(model, decoder, input_ids=layout["input_ids"].to(device), attention_mask=allowed,
+                             position_ids=layout["position_ids"].to(device))      # (B, L, d)
+    index = layout["hidden_index"].to(device)
+    return _scored_sums(states[index[:, 0], index[:, 1]], lm_head, layout["targets"].to(device),   # (M, d)
+                        layout["out_rows"].to(device), batch["input_ids"].shape[0], average)
 
 
 def concatenated_forward(model, batch: dict, average: bool = False, compact_head: bool = False,
@@ -307,21 +319,12 @@ def concatenated_forward(model, batch: dict, average: bool = False, compact_head
         return shared
     if parts is not None:
         decoder, lm_head = parts
-        seen = {}
-        handle = decoder.register_forward_hook(lambda mod, args, out: seen.__setitem__("h", out[0]))
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                  logits_to_keep=1)
-        finally:
-            handle.remove()
+        states = _decoder_states(model, decoder, input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids)                        # (2B, T, d)
         scored = completion_mask[:, 1:].bool()                                     # (2B, T-1): logit t scores t+1
         rows = scored.nonzero(as_tuple=True)[0]                                    # (M,)
-        hidden = seen["h"][:, :-1][scored]                                         # (M, d)
-        per_token = linear_token_logprobs(hidden, lm_head, input_ids[:, 1:][scored])  # (M,) float32
-        logps = per_token.new_zeros(input_ids.shape[0]).index_add(0, rows, per_token)  # (2B,)
-        if average:
-            logps = logps / scored.sum(-1).clamp(min=1)
-        return logps.chunk(2)
+        return _scored_sums(states[:, :-1][scored], lm_head, input_ids[:, 1:][scored], rows, input_ids.shape[0],
+                            average)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                    logits_to_keep=T - start).logits.float()                        # (2B, T - start, V) fp32
     logps = sequence_logprobs(logits, input_ids[:, start:], completion_mask[:, start:], average=average)

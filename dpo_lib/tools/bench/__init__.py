@@ -65,8 +65,7 @@ else the same), alternating, no TRL; ``throughput_ratio`` is then with / without
 one run, and the loss check compares the two (same tolerances: a lever that changes the order of a sum
 moves bf16 losses by up to ~1e-2, as TRL's kernels do). Levers: ``sort_by_length``,
 ``compact_lm_head`` and ``shared_prompt`` (each off also in the reference precompute),
-``sparse_embedding_grad``
-(:data:`dpo_lib.config.BENCH_LEVERS`).
+``sparse_embedding_grad`` (:data:`dpo_lib.config.BENCH_LEVERS`).
 
 GPU: ``--device cuda --dtype bf16`` runs both with bf16 autocast on fp32 master weights
 (TRL ``bf16=True``; dpo_lib through ``accelerate.Accelerator(mixed_precision="bf16")``).
@@ -297,8 +296,8 @@ def _result(args, spec: dict, dataset: Path, machine: dict, runs: dict, peak: fl
 
 def _print_report(result: dict) -> None:
     base = result["baseline"]
-    t, d = result[base], result["dpo_lib"]
-    print(f"\n{'':<28}{'TRL' if base == 'trl' else base:>14}{'dpo_lib':>14}{'ratio':>10}")
+    t, d, name = result[base], result["dpo_lib"], "TRL" if base == "trl" else base
+    print(f"\n{'':<28}{name:>14}{'dpo_lib':>14}{'ratio':>10}")
     print(f"{'tokens/s (steps 2..N)':<28}{t['tokens_per_second']:>14.1f}{d['tokens_per_second']:>14.1f}"
           f"{result['throughput_ratio']:>10.2f}")
     print(f"{'seconds/step (steps 2..N)':<28}{t['seconds_per_step']:>14.2f}{d['seconds_per_step']:>14.2f}")
@@ -311,7 +310,7 @@ def _print_report(result: dict) -> None:
     print(f"{'MFU':<28}{t['mfu']:>14.1%}{d['mfu']:>14.1%}   (peak {result['peak_flops'] / 1e9:,.0f} GFLOP/s, "
           f"{result['peak_flops_source']})")
     print("throughput ratio per repeat: " + ", ".join(f"{x:.2f}" for x in result["per_repeat_throughput_ratios"]))
-    print(f"loss trajectories: max |dpo_lib - {'TRL' if base == 'trl' else base}| = {result['loss_max_abs_diff']:.2e} "
+    print(f"loss trajectories: max |dpo_lib - {name}| = {result['loss_max_abs_diff']:.2e} "
           f"(tolerance {result['loss_tolerance']:g}: {'ok' if result['loss_within_tolerance'] else 'EXCEEDED'}); "
           f"same tokens: {result['same_tokens']}")
     print("timed: " + result["what_is_timed"])
