@@ -50,7 +50,8 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
 
 @torch.no_grad()
 def implicit_reward_accuracy(model, features: list[dict], pad_token_id: int, beta: float,
-                             batch_size: int = 8, reference=None) -> dict:
+                             batch_size: int = 8, reference=None, compact_head: bool = False,
+                             shared_prompt: bool = False) -> dict:
     """Held-out implicit-reward accuracy, mean margin and mean chosen reward, each with its SE over the pairs.
 
     Returns ``accuracy``, ``accuracy_se``, ``margin`` (mean of β·h = r̂_w − r̂_l), ``margin_se``,
@@ -64,6 +65,10 @@ def implicit_reward_accuracy(model, features: list[dict], pad_token_id: int, bet
     :class:`~dpo_lib.reference.AdapterDisabledReference`), they are computed on the fly on the
     model's device: for a LoRA policy, switching the adapter off *is* the reference, so nothing
     needs precomputing.
+
+    ``compact_head`` / ``shared_prompt``: how the policy's pairs are scored
+    (:func:`~dpo_lib.logprobs.concatenated_forward`); the same as the reference's, so that the untrained
+    policy's rewards are exactly 0.
     """
     was_training = model.training
     model.eval()
@@ -72,7 +77,7 @@ def implicit_reward_accuracy(model, features: list[dict], pad_token_id: int, bet
     # the same batches as precompute_reference_logps: same padding, so π_θ = π_ref gives exactly 0
     for chunk in length_sorted_batches(features, batch_size):
         batch = batch_to(collate([features[i] for i in chunk], pad_token_id), device)
-        chosen, rejected = concatenated_forward(model, batch)
+        chosen, rejected = concatenated_forward(model, batch, compact_head=compact_head, shared_prompt=shared_prompt)
         if reference is None:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
@@ -94,12 +99,15 @@ class HeldoutEval:
     reference log-probs, or scored by ``reference``), stored in that step's metrics as
     ``eval/accuracy``, ``eval/accuracy_se``, ``eval/margin``, ``eval/margin_se``, ``eval/chosen_reward`` and
     ``eval/chosen_reward_se`` (so ``metrics.jsonl``, the plots and ``python -m dpo_lib doctor`` carry them).
-    With cached reference log-probs it costs one forward pass over ``features``."""
+    With cached reference log-probs it costs one forward pass over ``features``; ``compact_head`` /
+    ``shared_prompt`` score the policy as the reference log-probs were scored."""
 
-    def __init__(self, features: list[dict], pad_token_id: int, every: int, reference=None):
+    def __init__(self, features: list[dict], pad_token_id: int, every: int, reference=None,
+                 compact_head: bool = False, shared_prompt: bool = False):
         if every < 1:
             raise ValueError(f"HeldoutEval: every must be >= 1 (got {every})")
         self.features, self.pad, self.every, self.reference = features, pad_token_id, every, reference
+        self.scoring = {"compact_head": compact_head, "shared_prompt": shared_prompt}
         self.last: dict | None = None  # the latest result, e.g. the final held-out accuracy
 
     def __call__(self, trainer, metrics: dict) -> None:
@@ -107,21 +115,23 @@ class HeldoutEval:
             return
         with autocast(trainer.config.precision):
             self.last = implicit_reward_accuracy(trainer.model, self.features, self.pad, trainer.config.beta,
-                                                 reference=self.reference)
+                                                 reference=self.reference, **self.scoring)
         self.last["step"] = trainer.step
         metrics.update({f"eval/{key}": self.last[key] for key in
                         ("accuracy", "accuracy_se", "margin", "margin_se", "chosen_reward", "chosen_reward_se")})
 
 
 @torch.no_grad()
-def completion_logps(model, samples: list[dict], pad_token_id: int, batch_size: int = 16) -> list[float]:
+def completion_logps(model, samples: list[dict], pad_token_id: int, batch_size: int = 16,
+                     compact_head: bool = False) -> list[float]:
     """Summed log-prob of each sample's ``response_ids`` given its ``prompt_ids``.
 
     ``model`` is a causal LM, or a reference of :mod:`dpo_lib.reference` (a callable batch ->
     log-probs that runs its ``.model``, e.g. :class:`~dpo_lib.reference.AdapterDisabledReference`).
+    ``compact_head``: the LM head only on the response positions (a causal LM; a reference scores as it was made).
     """
     if isinstance(model, torch.nn.Module):
-        net, score = model, (lambda batch: concatenated_forward(model, batch))
+        net, score = model, (lambda batch: concatenated_forward(model, batch, compact_head=compact_head))
     else:
         net, score = model.model, model
     was_training = net.training
@@ -136,14 +146,15 @@ def completion_logps(model, samples: list[dict], pad_token_id: int, batch_size: 
     return out
 
 
-def sequence_kl(policy, reference, samples: list[dict], pad_token_id: int) -> tuple[float, float]:
+def sequence_kl(policy, reference, samples: list[dict], pad_token_id: int,
+                compact_head: bool = False) -> tuple[float, float]:
     """KL(π‖π_ref) estimated on ``samples`` drawn from ``policy``: ``(mean, standard error)``.
 
     ``reference`` is a model, or a reference of :mod:`dpo_lib.reference`: for a LoRA policy,
     ``AdapterDisabledReference(policy)`` makes its own base (the adapter switched off) π_ref.
     """
-    lp = completion_logps(policy, samples, pad_token_id)
-    lr = completion_logps(reference, samples, pad_token_id)
+    lp = completion_logps(policy, samples, pad_token_id, compact_head=compact_head)
+    lr = completion_logps(reference, samples, pad_token_id, compact_head=compact_head)
     return mean_and_se([a - b for a, b in zip(lp, lr)])
 
 

@@ -31,29 +31,42 @@ from dpo_lib.config import INCOMPLETE  # what make_pairs does with a reply the t
 from dpo_lib.features import encode_prompt  # the chat template's home; notebooks import it from here
 from dpo_lib.settings import UserError
 
-__all__ = ["INCOMPLETE", "JudgeError", "best_vs_worst", "complete_reply", "complete_samples", "generate", "make_pairs",
-           "score_samples"]
+__all__ = ["INCOMPLETE", "SAMPLERS", "JudgeError", "best_vs_worst", "complete_reply", "complete_samples", "decode",
+           "draw", "generate", "make_pairs", "sampling_batch_size", "score_samples"]
 
 # A sentence ends at . ! ? or … (closing quotes, brackets or markdown may follow) before a space or the text's end:
 # "3.5" and "e.g.," do not end one.
 SENTENCE_END = re.compile(r"[.!?…][\"'”’»)\]*_]*(?=\s|$)")
 
 
+SAMPLERS = ("dpo_lib", "hf")  # generate's decode loop: its own (below), or transformers' model.generate
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 48, temperature: float = 1.0,
-             top_p: float = 1.0, batch_size: int = 32, seed: int = 0, progress: bool = True) -> list[dict]:
+             top_p: float = 1.0, batch_size: int | None = None, seed: int = 0, progress: bool = True,
+             sampler: str = "dpo_lib") -> list[dict]:
     """Sample ``n`` completions for each prompt (string or message list).
 
     Returns one dict per sample: ``prompt_index``, ``prompt_ids``, ``response_ids`` (up to and
     including the first EOS), ``ended`` (the model wrote that EOS; False: ``max_new_tokens`` cut it)
     and ``text`` (decoded, special tokens dropped). Prompts are left-padded so that every row's next
     token sits in the last column.
+
+    ``batch_size``: rows sampled together; ``None`` takes :func:`sampling_batch_size` of the longest prompt.
+
+    ``sampler="dpo_lib"`` runs :func:`decode` (the same distribution as ``model.generate``, drawn by the
+    inverse CDF: ``python -m dpo_lib bench --vs generate`` measures the two); ``"hf"`` calls
+    ``model.generate`` itself, e.g. to reproduce samples drawn before :func:`decode` existed.
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     jobs = [(i, encode_prompt(tokenizer, p)) for i, p in enumerate(prompts) for _ in range(n)]
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    batch_size = batch_size or sampling_batch_size(max((len(ids) for _, ids in jobs), default=1), max_new_tokens)
     out = []
     for b in tqdm(range(0, len(jobs), batch_size), desc="sampling", disable=not progress, leave=False):
         chunk = jobs[b:b + batch_size]
@@ -64,12 +77,16 @@ def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 
             input_ids[r, L - len(ids):] = torch.tensor(ids)
             attention[r, L - len(ids):] = 1
         torch.manual_seed(seed + b)
-        gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                             top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, pad_token_id=pad,
-                             eos_token_id=eos)
+        if sampler == "hf":
+            gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                 do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                                 top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                 eos_token_id=eos)[:, L:]
+        else:
+            gen = decode(model, input_ids.to(device), attention.to(device), max_new_tokens, eos, pad,
+                         temperature=temperature, top_p=top_p)
         for r, (i, ids) in enumerate(chunk):
-            resp = gen[r, L:].tolist()
+            resp = gen[r].tolist()
             ended = eos in resp
             if ended:
                 resp = resp[: resp.index(eos) + 1]
@@ -77,6 +94,67 @@ def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 
                         "text": tokenizer.decode(resp, skip_special_tokens=True).strip()})
     model.train(was_training)
     return out
+
+
+# Rows x tokens held in the key/value cache at once: 16k tokens are 0.75 GB in float32 for SmolLM2-135M
+# (30 layers x keys and values x 3 heads x 64 x 4 bytes = 46 KB a token). At 128 rows a decode step's matmuls are
+# big enough to run near a CPU's matmul speed; 32 rows were 1.3x slower per token on 2 cores (2026-12-07).
+SAMPLING_TOKENS, SAMPLING_MAX_ROWS = 16_384, 128
+
+
+def sampling_batch_size(prompt_tokens: int, max_new_tokens: int) -> int:
+    """Rows per :func:`generate` batch: as many as keep :data:`SAMPLING_TOKENS` prompt + new tokens in the cache,
+    at most :data:`SAMPLING_MAX_ROWS` (the main job's evaluation, prompts of ~45 tokens and 40 new ones: 128; 512
+    new tokens: 29)."""
+    return max(1, min(SAMPLING_MAX_ROWS, SAMPLING_TOKENS // (prompt_tokens + max_new_tokens)))
+
+
+def draw(scores: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0,
+         generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of ``scores`` ``(N, V)``: the argmax when ``temperature`` is 0, else a draw from
+    softmax(scores / temperature) restricted to the top-``p`` nucleus (transformers' ``TopPLogitsWarper``).
+
+    The draw inverts the CDF (one uniform number per row and a binary search) where ``torch.multinomial``
+    draws an exponential number for every one of the V entries: the same distribution, a fraction of the work
+    on a CPU (a 32 x 49k multinomial was 18 % of a sampling step)."""
+    if temperature <= 0:
+        return scores.argmax(dim=-1)
+    scores = scores.float() / temperature                                        # (N, V)
+    if top_p < 1.0:
+        from transformers.generation.logits_process import TopPLogitsWarper
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    cdf = scores.softmax(dim=-1).cumsum(dim=-1)                                  # (N, V), last column ~1
+    u = torch.rand(scores.shape[0], 1, generator=generator, device=scores.device) * cdf[:, -1:]   # (N, 1)
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=scores.shape[1] - 1)      # (N,)
+
+
+@torch.no_grad()
+def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
+           pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """The sampling loop of ``model.generate`` for a left-padded batch: the prompt through the model once
+    (logits of its last position only), then one token per step with the key/value cache, each drawn by
+    :func:`draw`; a row that has written ``eos_token_id`` gets ``pad_token_id`` after it, and the loop stops
+    when every row has ended. Returns the new tokens, ``(N, steps)`` with ``steps <= max_new_tokens``."""
+    N = input_ids.shape[0]
+    position = (attention_mask.cumsum(-1) - 1).clamp(min=0)                       # (N, L): left padding
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True,
+                logits_to_keep=1)
+    position = position[:, -1:]                                                    # (N, 1)
+    done = torch.zeros(N, dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    for step in range(max_new_tokens):
+        token = draw(out.logits[:, -1], temperature, top_p)                        # (N,)
+        token = token.masked_fill(done, pad_token_id)
+        tokens.append(token)
+        done |= token == eos_token_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(N, 1)], dim=1)   # (N, L + step + 1)
+        position = position + 1
+        cache = "cache" if "cache" in out else "past_key_values"                   # its name before transformers 5.2x
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
+                    use_cache=True, **{cache: out[cache]})
+    return torch.stack(tokens, dim=1)                                              # (N, steps)
 
 
 def complete_reply(text: str, ended: bool, incomplete: str = "trim") -> tuple[str, bool] | None:

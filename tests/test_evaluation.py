@@ -111,3 +111,43 @@ def test_heldout_chosen_reward_and_margin_with_their_ses():
         e = mean_se(values)
         assert e.se > 0 and abs(e.value) > 1e-3                      # the reference differs: rewards are not 0
         assert got[key] == pytest.approx(e.value, abs=1e-5) and got[f"{key}_se"] == pytest.approx(e.se, abs=1e-5)
+
+
+@pytest.mark.parametrize("scoring", [{}, {"compact_head": True}, {"compact_head": True, "shared_prompt": True}])
+def test_untrained_policy_scored_as_its_reference_has_rewards_exactly_zero(scoring):
+    """The reference log-probs precomputed by FrozenReference(model, **scoring) and the policy scored by
+    implicit_reward_accuracy(..., **scoring) (the same length-sorted batches, the same layout): every implicit
+    reward is exactly 0, so the strict accuracy is 0 and the margin and chosen reward 0 with SE 0; the
+    HeldoutEval callback passes the same switches on."""
+    from dpo_lib.config import TrainConfig
+    from dpo_lib.evaluation import HeldoutEval
+    model, tok = tiny(seed=0)
+    features, _ = tokenize_rows(tok, toy_rows(11))
+    held = precompute_reference_logps(FrozenReference(model, **scoring), features, tok.pad_token_id)  # batches of 8
+    got = implicit_reward_accuracy(model, held, tok.pad_token_id, beta=0.1, **scoring)
+    assert (got["accuracy"], got["margin"], got["margin_se"], got["chosen_reward"]) == (0.0, 0.0, 0.0, 0.0)
+
+    class Trainer:  # what HeldoutEval reads of a trainer
+        step, total_steps, config = 1, 1, TrainConfig(precision="fp32")
+        model = None
+    trainer = Trainer()
+    trainer.model = model
+    callback = HeldoutEval(held, tok.pad_token_id, every=1, **scoring)
+    metrics: dict = {}
+    callback(trainer, metrics)
+    assert metrics["eval/margin"] == 0.0 and metrics["eval/accuracy"] == 0.0
+
+
+def test_sequence_kl_with_the_compact_head_equals_the_full_head():
+    """sequence_kl(..., compact_head=True) scores both models on the response positions only: the same estimate
+    as the full head to float32 rounding (policy: tiny seed 0, reference: tiny seed 1, so the KL is not 0; each
+    term is a difference of two sums of tens of nats, so the rounding is ~1e-6 nats, checked at 1e-5)."""
+    from dpo_lib.evaluation import sequence_kl
+    policy, tok = tiny(seed=0)
+    reference = tiny(seed=1)[0]
+    samples = generate(policy, tok, [r["prompt"] for r in toy_rows(5)], n=2, max_new_tokens=6, seed=3,
+                       progress=False)
+    full = sequence_kl(policy, reference, samples, tok.pad_token_id)
+    compact = sequence_kl(policy, reference, samples, tok.pad_token_id, compact_head=True)
+    assert abs(full[0]) > 1e-2
+    assert compact[0] == pytest.approx(full[0], abs=1e-5) and compact[1] == pytest.approx(full[1], abs=1e-5)

@@ -260,7 +260,7 @@ def _round(k: int, loop: Loop, policy) -> dict:
     s, config, pad = loop.base, loop.base.config, loop.base.tokenizer.pad_token_id
     features, stats, tokenized = _round_pairs(k, loop, policy, rd)
     previous = loop.settings.reference == "previous" and k > 1
-    reference = FrozenReference(policy) if previous else s.reference
+    reference = FrozenReference(policy, **config.scoring) if previous else s.reference
     with autocast(config.precision):
         if needs_reference(config.loss_type):
             features = precompute_reference_logps(reference, features, pad)
@@ -268,7 +268,7 @@ def _round(k: int, loop: Loop, policy) -> dict:
             else s.eval_features
     # from round 2 on, "initial" trains a policy that is not its reference
     trainer = DPOTrainer(policy, features, config, pad_token_id=pad, out_dir=rd, policy_is_reference=k == 1 or previous)
-    heldout = HeldoutEval(round_eval, pad, every=loop.job.eval_every or trainer.total_steps)
+    heldout = HeldoutEval(round_eval, pad, every=loop.job.eval_every or trainer.total_steps, **config.scoring)
     print(f"[dpo_lib] round {k}: {len(features)} pairs, training {trainer.total_steps} steps against the "
           f"{'previous policy' if previous else 'starting model'}")
     t_train = time.perf_counter()

@@ -38,7 +38,8 @@ from dpo_lib.settings import UserError
 from dpo_lib.stats import gain
 
 __all__ = ["ResumeMismatch", "RunFolderBusy", "Setup", "check_card", "claim_folder", "evaluate", "heldout",
-           "plain", "prompt_text", "resume_conflicts", "run_card", "start", "summarize", "write_json"]
+           "plain", "prompt_text", "reference_key", "resume_conflicts", "run_card", "start", "summarize",
+           "write_json"]
 
 
 class RunFolderBusy(UserError):
@@ -152,8 +153,14 @@ def start(job: JobConfig, config: TrainConfig) -> Setup:
     choice = choose_auto("cpu", model_shapes(model)) if config.precision == "auto" else asked(config.precision)
     config = replace(config, precision=choice.precision)
     print(f"[dpo_lib] {choice.line()} (weights and optimizer stay float32; --precision fp32|bf16 to choose)")
-    s = Setup(model, tokenizer, FrozenReference(model), config, model_fingerprint(model))
+    s = Setup(model, tokenizer, FrozenReference(model, **config.scoring), config, model_fingerprint(model))
     return heldout(s, job)
+
+
+def reference_key(s: Setup) -> str:
+    """The reference log-prob cache's model key: the starting weights, the precision and how pairs are scored
+    (the compact head's numbers differ from the full head's by rounding, which a cache must not mix)."""
+    return "-".join([s.fingerprint, s.config.precision] + [k for k, on in s.config.scoring.items() if on])
 
 
 def heldout(s: Setup, job: JobConfig, cache_dir: Path | None = None) -> Setup:
@@ -166,7 +173,7 @@ def heldout(s: Setup, job: JobConfig, cache_dir: Path | None = None) -> Setup:
     features = tokenize_rows(s.tokenizer, rows, job.max_length, job.max_prompt_length)[0]
     with autocast(s.config.precision):
         features = precompute_reference_logps(s.reference, features, s.tokenizer.pad_token_id, cache_dir=cache_dir,
-                                              model_key=f"{s.fingerprint}-{s.config.precision}")
+                                              model_key=reference_key(s))
     prompts = [r["prompt"] for r in rows][:job.max_eval_prompts]
     return replace(s, eval_rows=rows, eval_features=features, eval_prompts=prompts)
 
@@ -182,12 +189,14 @@ def evaluate(s: Setup, job: JobConfig, reward_fn, with_kl: bool, accuracy: dict 
     pad, c = s.tokenizer.pad_token_id, s.config
     with autocast(c.precision):
         if s.eval_features:
-            result["accuracy"] = accuracy or implicit_reward_accuracy(s.model, s.eval_features, pad, c.beta)
+            result["accuracy"] = accuracy or implicit_reward_accuracy(s.model, s.eval_features, pad, c.beta,
+                                                                      **c.scoring)
         if reward_fn and s.eval_prompts:
             result["samples"] = generate(s.model, s.tokenizer, s.eval_prompts, n=job.eval_samples,
                                          max_new_tokens=job.max_new_tokens, seed=c.seed + 1)
             if with_kl:
-                result["kl"] = sequence_kl(s.model, s.reference.model, result["samples"], pad)
+                result["kl"] = sequence_kl(s.model, s.reference.model, result["samples"], pad,
+                                           compact_head=c.compact_lm_head)
     if "samples" in result:
         result["rewards"] = reward_fn([x["text"] for x in result["samples"]])
     return result

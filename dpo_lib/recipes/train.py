@@ -41,6 +41,7 @@ from dpo_lib.recipes.run import (
     heldout,
     plain,
     prompt_text,
+    reference_key,
     run_card,
     start,
     summarize,
@@ -86,7 +87,7 @@ def _training_features(s: Setup, job: JobConfig, rows: list[dict], cache: Path) 
     if needs_reference(s.config.loss_type):  # simpo and orpo never read them; the held-out ones are still needed
         with autocast(s.config.precision):
             features = precompute_reference_logps(s.reference, features, s.tokenizer.pad_token_id, cache_dir=cache,
-                                                  model_key=f"{s.fingerprint}-{s.config.precision}")
+                                                  model_key=reference_key(s))
     return features, stats.summary()
 
 
@@ -170,7 +171,7 @@ def _train(s: Setup, features: list[dict], out: Path, resume: bool, eval_every: 
     weights when the last step evaluated it (``None`` otherwise)."""
     pad, config = s.tokenizer.pad_token_id, s.config
     trainer = DPOTrainer(s.model, features, config, pad_token_id=pad, out_dir=out)
-    evaluator = HeldoutEval(s.eval_features, pad, every=eval_every or trainer.total_steps)
+    evaluator = HeldoutEval(s.eval_features, pad, every=eval_every or trainer.total_steps, **config.scoring)
     print(f"[dpo_lib] training {trainer.total_steps} steps of {config.batch_size} pairs "
           f"(beta={config.beta}, lr={config.learning_rate}, loss={config.loss_type})")
     t0 = time.perf_counter()

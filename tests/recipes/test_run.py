@@ -18,6 +18,7 @@ from dpo_lib.recipes.run import (
     claim_folder,
     plain,
     prompt_text,
+    reference_key,
     resume_conflicts,
     run_card,
     summarize,
@@ -154,3 +155,15 @@ def test_summarize_without_samples_or_accuracy():
                          {"accuracy": {"accuracy": 0.625, "accuracy_se": 0.05, "margin": 0.2}})
     assert acc_only == {"heldout_accuracy_before": 0.5, "heldout_accuracy_after": 0.625,
                         "heldout_accuracy_after_se": 0.05, "heldout_margin_after": 0.2}
+
+
+def test_reference_key_names_the_weights_the_precision_and_the_scoring():
+    """The reference log-prob cache key: fingerprint-precision, then each scoring switch that is on; two runs that
+    score pairs differently (full head vs compact head) never read each other's cached numbers."""
+    from types import SimpleNamespace
+
+    from dpo_lib.config import TrainConfig
+    key = lambda **levers: reference_key(SimpleNamespace(fingerprint="abc", config=TrainConfig(**levers)))  # noqa: E731
+    assert key(precision="bf16") == "abc-bf16-compact_head-shared_prompt"
+    assert key(precision="fp32", shared_prompt=False) == "abc-fp32-compact_head"
+    assert key(precision="fp32", compact_lm_head=False, shared_prompt=False) == "abc-fp32"

@@ -70,3 +70,25 @@ def test_bench_lever_flags_are_checked(tmp_path, capsys, argv):
         status = e.code
     assert status == 2
     assert "lever" in capsys.readouterr().err
+
+
+def test_bench_vs_generate_times_both_loops_at_both_batch_sizes(tmp_path, capsys):
+    """--vs generate: model.generate and dpo_lib's decode loop, at 32 rows and at sampling_batch_size's, alternating;
+    the ratios are the arms' tokens/s divided as the JSON names them, and greedy decoding gives the same tokens
+    (else the exit status is 1)."""
+    from dpo_lib.tools.bench.sampling import ARMS
+    model = save_tiny(tmp_path / "model")
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_rows(6))
+    out = tmp_path / "generate.json"
+    status = main(["bench", "--vs", "generate", "--model", str(model), "--dataset", str(data), "--repeats", "1",
+                   "--threads", "1", "--json", str(out)])
+    assert status == 0
+    r = json.loads(out.read_text())
+    tps = {arm: r[arm]["tokens_per_second"] for arm in ARMS}
+    assert all(v > 0 for v in tps.values()) and r["greedy_identical"] is True
+    assert r["loop_ratio"] == pytest.approx(tps["dpo_lib@auto"] / tps["hf@auto"])
+    assert r["batch_ratio"] == pytest.approx(tps["dpo_lib@auto"] / tps["dpo_lib@32"])
+    assert r["throughput_ratio"] == pytest.approx(tps["dpo_lib@auto"] / tps["hf@32"])
+    assert r["settings"]["batch_sizes"]["auto"] == 128 and len(r["runs"]["hf@32"]) == 1
+    assert all(r[arm]["tokens"] > 0 for arm in ARMS)
+    assert "loop (dpo_lib/hf" in capsys.readouterr().out

@@ -95,6 +95,7 @@ def counted_step_flops(model, batch: dict) -> tuple[int, int]:
 
     reference = FrozenReference.__new__(FrozenReference)  # FrozenReference's forward, without its deep copy
     reference.model = model
+    reference.scoring = {"compact_head": False, "shared_prompt": False}  # the full head the hand count charges
     with FlopCounterMode(display=False) as ref_counter:
         ref_chosen, ref_rejected = reference(batch)
     batch = dict(batch, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)

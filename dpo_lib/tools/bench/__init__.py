@@ -67,6 +67,9 @@ moves bf16 losses by up to ~1e-2, as TRL's kernels do). Levers: ``sort_by_length
 ``compact_lm_head`` and ``shared_prompt`` (each off also in the reference precompute),
 ``sparse_embedding_grad`` (:data:`dpo_lib.config.BENCH_LEVERS`).
 
+Sampling: ``--vs generate`` times :func:`dpo_lib.sampling.generate`'s decode loop against transformers'
+``model.generate`` on the main job's evaluation prompts (:mod:`dpo_lib.tools.bench.sampling`).
+
 GPU: ``--device cuda --dtype bf16`` runs both with bf16 autocast on fp32 master weights
 (TRL ``bf16=True``; dpo_lib through ``accelerate.Accelerator(mixed_precision="bf16")``).
 """
@@ -317,6 +320,9 @@ def _print_report(result: dict) -> None:
 
 
 def main(args) -> int:
+    if args.vs == "generate":
+        from dpo_lib.tools.bench.sampling import main as sampling_main
+        return sampling_main(args)
     prepared = _prepare(args)
     if isinstance(prepared, int):
         return prepared
