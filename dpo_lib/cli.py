@@ -169,7 +169,7 @@ def cmd_pairs(a) -> int:
     start = time.perf_counter()
     rows, stats = make_pairs(model, tokenizer, prompts, reward, n=c.num_samples, min_gap=c.min_gap,
                              incomplete=c.incomplete, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                             top_p=c.top_p, batch_size=c.batch_size, seed=c.seed)
+                             top_p=c.top_p, batch_size=c.batch_size, seed=c.seed, sampler=c.sampler)
     seconds = time.perf_counter() - start
     lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
     if c.check:
@@ -226,7 +226,8 @@ def cmd_lengths(a) -> int:
     model, tokenizer = _model(c)
     start = time.perf_counter()
     samples = generate(model, tokenizer, [r["prompt"] for r in rows], n=c.num_samples, max_new_tokens=c.max_new_tokens,
-                       temperature=c.temperature, top_p=c.top_p, batch_size=c.batch_size, seed=c.seed)
+                       temperature=c.temperature, top_p=c.top_p, batch_size=c.batch_size, seed=c.seed,
+                       sampler=c.sampler)
     profile = ending_profile(samples, tokenizer.eos_token_id, c.max_new_tokens)
     seconds = time.perf_counter() - start
     print(f"[dpo_lib] {profile['samples']} answers ({len(rows)} prompts x {c.num_samples}) from {c.prompts}, "

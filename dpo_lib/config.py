@@ -50,6 +50,7 @@ REFERENCE_MODES = ("initial", "previous")
 # the TrainConfig speed switches `bench --vs lever` turns off one at a time
 BENCH_LEVERS = ("sort_by_length", "compact_lm_head", "shared_prompt", "sparse_embedding_grad")
 INCOMPLETE = ("trim", "drop", "keep")  # what `pairs` does with an answer the token cap cut (dpo_lib.sampling)
+SAMPLERS = ("dpo_lib", "hf")  # generate's decode loop: its own (dpo_lib.sampling.decode), or model.generate
 # what a train run writes in --out: folders, then files (dpo_lib.recipes.train)
 RUN_FOLDERS = ("final", "checkpoints", "cache")
 RUN_FILES = ("run_card.json", "summary.json", "metrics.jsonl", "samples.md")
@@ -256,6 +257,9 @@ class SamplingConfig(Checked):
     top_p: float = setting(1.0, "nucleus sampling; 1: the full distribution", in_range(0.0, 1.0, hi_open=False))
     batch_size: int = setting(32, "prompts per generation batch", at_least(1))
     seed: int = setting(0, "sampling seed", at_least(0))
+    sampler: str = setting("dpo_lib", "dpo_lib: the library's decode loop (faster on a CPU); hf: transformers' "
+                           "model.generate, the same distribution (how the bundled pairs were drawn: data/README.md)",
+                           choices=SAMPLERS)
 
     def check_combinations(self) -> None:
         if self.top_p == 0:

@@ -27,7 +27,8 @@ import re
 import torch
 from tqdm.auto import tqdm
 
-from dpo_lib.config import INCOMPLETE  # what make_pairs does with a reply the token cap cut (module docstring)
+# INCOMPLETE: what make_pairs does with a reply the token cap cut (module docstring); SAMPLERS: generate's loop
+from dpo_lib.config import INCOMPLETE, SAMPLERS
 from dpo_lib.features import encode_prompt  # the chat template's home; notebooks import it from here
 from dpo_lib.settings import UserError
 
@@ -37,9 +38,6 @@ __all__ = ["INCOMPLETE", "SAMPLERS", "JudgeError", "best_vs_worst", "complete_re
 # A sentence ends at . ! ? or … (closing quotes, brackets or markdown may follow) before a space or the text's end:
 # "3.5" and "e.g.," do not end one.
 SENTENCE_END = re.compile(r"[.!?…][\"'”’»)\]*_]*(?=\s|$)")
-
-
-SAMPLERS = ("dpo_lib", "hf")  # generate's decode loop: its own (below), or transformers' model.generate
 
 
 @torch.no_grad()

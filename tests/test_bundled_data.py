@@ -56,11 +56,12 @@ def test_sizes_prompts_and_scores_follow_the_recipe(split):
 
 
 def test_pairs_check_regenerates_the_first_batch_of_the_test_split_byte_for_byte():
-    """data/README.md's command for test.jsonl, with --check: 8 prompts x 4 samples = the first batch of 32."""
+    """data/README.md's command for test.jsonl, with --check: 8 prompts x 4 samples = the first batch of 32, drawn by
+    model.generate (--sampler hf), as the file was."""
     from tests.test_cli import cli
 
     res = cli("pairs", "--prompts", SENTIMENT / "prompts_test.jsonl", "--out", SENTIMENT / "test.jsonl", "-n", "4",
-              "--seed", "1", "--threads", "1", "--check")
+              "--seed", "1", "--threads", "1", "--sampler", "hf", "--check")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "check: the first 8 prompts give the" in res.stdout
 
