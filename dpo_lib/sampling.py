@@ -133,6 +133,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     (logits of its last position only), then one token per step with the key/value cache, each drawn by
     :func:`draw`; a row that has written ``eos_token_id`` gets ``pad_token_id`` after it, and the loop stops
     when every row has ended. Returns the new tokens, ``(N, steps)`` with ``steps <= max_new_tokens``."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
     N = input_ids.shape[0]
     position = (attention_mask.cumsum(-1) - 1).clamp(min=0)                       # (N, L): left padding
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True,

@@ -77,6 +77,13 @@ def test_draw_frequencies_are_the_softmax_it_samples_from(temperature, top_p):
         assert (p == 0).any() and (freq[p == 0] == 0).all()
 
 
+def test_decode_refuses_zero_new_tokens():
+    model, tok = tiny(seed=0)
+    input_ids, attention = _left_padded(tok, [r["prompt"] for r in toy_rows(2)])
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        decode(model, input_ids, attention, 0, 2, tok.pad_token_id)
+
+
 def test_draw_at_temperature_zero_is_the_argmax():
     scores = torch.randn(7, 50, generator=torch.Generator().manual_seed(1))
     assert torch.equal(draw(scores, temperature=0), scores.argmax(-1))
