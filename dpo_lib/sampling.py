@@ -151,7 +151,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(N, 1)], dim=1)   # (N, L + step + 1)
         position = position + 1
-        cache = "cache" if "cache" in out else "past_key_values"                   # its name before transformers 5.2x
+        cache = "cache" if "cache" in out else "past_key_values"                   # the older transformers 5 name
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
                     use_cache=True, **{cache: out[cache]})
     return torch.stack(tokens, dim=1)                                              # (N, steps)
