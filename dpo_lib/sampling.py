@@ -33,7 +33,7 @@ from dpo_lib.features import encode_prompt  # the chat template's home; notebook
 from dpo_lib.settings import UserError
 
 __all__ = ["INCOMPLETE", "SAMPLERS", "JudgeError", "best_vs_worst", "complete_reply", "complete_samples", "decode",
-           "draw", "generate", "make_pairs", "sampling_batch_size", "score_samples"]
+           "draw", "generate", "left_pad", "make_pairs", "sampling_batch_size", "score_samples"]
 
 # A sentence ends at . ! ? or … (closing quotes, brackets or markdown may follow) before a space or the text's end:
 # "3.5" and "e.g.," do not end one.
@@ -68,12 +68,8 @@ def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 
     out = []
     for b in tqdm(range(0, len(jobs), batch_size), desc="sampling", disable=not progress, leave=False):
         chunk = jobs[b:b + batch_size]
-        L = max(len(ids) for _, ids in chunk)
-        input_ids = torch.full((len(chunk), L), pad, dtype=torch.long)       # (N, L) left-padded
-        attention = torch.zeros((len(chunk), L), dtype=torch.long)
-        for r, (_, ids) in enumerate(chunk):
-            input_ids[r, L - len(ids):] = torch.tensor(ids)
-            attention[r, L - len(ids):] = 1
+        input_ids, attention = left_pad([ids for _, ids in chunk], pad)      # (N, L) each
+        L = input_ids.shape[1]
         torch.manual_seed(seed + b)
         if sampler == "hf":
             gen = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
@@ -92,6 +88,18 @@ def generate(model, tokenizer, prompts: list, n: int = 1, max_new_tokens: int = 
                         "text": tokenizer.decode(resp, skip_special_tokens=True).strip()})
     model.train(was_training)
     return out
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, each ``(N, L)``: the token ids padded on the left, so that every row's
+    next token sits in the last column."""
+    L = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), L), pad_token_id, dtype=torch.long)   # (N, L)
+    attention = torch.zeros((len(prompts), L), dtype=torch.long)                # (N, L)
+    for r, ids in enumerate(prompts):
+        input_ids[r, L - len(ids):] = torch.tensor(ids)
+        attention[r, L - len(ids):] = 1
+    return input_ids, attention
 
 
 # Rows x tokens held in the key/value cache at once: 16k tokens are 0.75 GB in float32 for SmolLM2-135M
@@ -140,6 +148,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True,
                 logits_to_keep=1)
     position = position[:, -1:]                                                    # (N, 1)
+    cache = "cache" if "cache" in out else "past_key_values"                       # the older transformers 5 name
     done = torch.zeros(N, dtype=torch.bool, device=input_ids.device)
     tokens = []
     for step in range(max_new_tokens):
@@ -151,7 +160,6 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(N, 1)], dim=1)   # (N, L + step + 1)
         position = position + 1
-        cache = "cache" if "cache" in out else "past_key_values"                   # the older transformers 5 name
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=position,
                     use_cache=True, **{cache: out[cache]})
     return torch.stack(tokens, dim=1)                                              # (N, steps)

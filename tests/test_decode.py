@@ -8,17 +8,11 @@ import torch
 from _tiny import tiny, toy_rows
 
 from dpo_lib.features import encode_prompt
-from dpo_lib.sampling import decode, draw, generate
+from dpo_lib.sampling import decode, draw, generate, left_pad
 
 
 def _left_padded(tok, prompts):
-    ids = [encode_prompt(tok, p) for p in prompts]
-    L = max(map(len, ids))
-    input_ids = torch.full((len(ids), L), tok.pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(ids), L), dtype=torch.long)
-    for r, x in enumerate(ids):
-        input_ids[r, L - len(x):], attention[r, L - len(x):] = torch.tensor(x), 1
-    return input_ids, attention
+    return left_pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
 
 
 def test_greedy_decode_is_model_generate_token_for_token_with_eos_and_padding():
