@@ -181,6 +181,9 @@ class JobConfig(ModelConfig):
     eval_samples: int = setting(2, "samples per held-out prompt for the true reward", at_least(1))
     max_eval_prompts: int = setting(64, "held-out prompts sampled for the true reward", at_least(0))
     max_new_tokens: int = setting(40, "length cap of the evaluation samples", at_least(1))
+    sampler: str = setting("dpo_lib", "how answers are sampled (the evaluation's; iterate's training answers too): "
+                           "dpo_lib's decode loop or transformers' model.generate (hf), the same distribution",
+                           choices=SAMPLERS)
     # 8: four held-out points over the default epoch of 31 steps (8, 16, 24, 31); each is one forward over the
     # held-out pairs (~6 s on 2 cores in bf16)
     eval_every: int = setting(8, "held-out accuracy and margin every N steps, for the curves (0: only at the end)",

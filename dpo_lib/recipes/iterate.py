@@ -236,7 +236,8 @@ def _round_pairs(k: int, loop: Loop, policy, rd: Path) -> tuple[list[dict], dict
             rows, stats = make_pairs(policy, s.tokenizer, loop.prompt_rows, loop.judge, n=settings.samples_per_prompt,
                                      min_gap=settings.min_gap, incomplete=settings.incomplete,
                                      max_new_tokens=settings.sample_max_new_tokens,
-                                     temperature=settings.temperature, seed=sample_seed(config.seed, k))
+                                     temperature=settings.temperature, seed=sample_seed(config.seed, k),
+                                     sampler=loop.job.sampler)
         except JudgeError as e:
             raise IterationError(f"round {k}: {e}; the round is not finished (no {rd / 'summary.json'})") from e
     atomic_write_text(rd / "pairs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -193,7 +193,7 @@ def evaluate(s: Setup, job: JobConfig, reward_fn, with_kl: bool, accuracy: dict 
                                                                       **c.scoring)
         if reward_fn and s.eval_prompts:
             result["samples"] = generate(s.model, s.tokenizer, s.eval_prompts, n=job.eval_samples,
-                                         max_new_tokens=job.max_new_tokens, seed=c.seed + 1)
+                                         max_new_tokens=job.max_new_tokens, seed=c.seed + 1, sampler=job.sampler)
             if with_kl:
                 result["kl"] = sequence_kl(s.model, s.reference.model, result["samples"], pad,
                                            compact_head=c.compact_lm_head)

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -421,3 +422,19 @@ def test_cli_iterate_runs_resumes_and_refuses_other_settings(setup):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "error: round 1: 0 pairs to train on from 8 prompts (8 without a preference" in res.stderr, res.stderr
     assert not (round_dir(setup["dir"] / "cli-no-pairs", 1) / "summary.json").exists()
+
+
+def test_sampler_setting_reaches_every_sample_of_a_round(setup, monkeypatch):
+    """``--sampler hf``: the baseline's, the round's training answers and its evaluation samples all come from
+    transformers' model.generate (dpo_lib's decode loop is never called); the default samples with the loop."""
+    import dpo_lib.sampling as S
+    calls = []
+    real_decode = S.decode
+    monkeypatch.setattr(S, "decode", lambda *a, **k: calls.append(1) or real_decode(*a, **k))
+    settings, job, config = configs(setup, setup["dir"] / "hf", rounds=1)
+    iterate(setup["dir"] / "hf", settings, replace(job, sampler="hf"), config,
+            judge=CharJudge(), true_reward=CharJudge())
+    assert calls == []
+    iterate(setup["dir"] / "loop", *configs(setup, setup["dir"] / "loop", rounds=1), judge=CharJudge(),
+            true_reward=CharJudge())
+    assert len(calls) >= 3                                          # baseline, training answers, evaluation
