@@ -359,6 +359,8 @@ class BenchConfig(Checked):
     threads: int | None = setting(None, "torch CPU threads per run (default: all cores)", optional(at_least(1)))
     device: str = setting("cpu", "where both trainers run", choices=("cpu", "cuda"))
     dtype: str = setting("fp32", "bf16: autocast, fp32 master weights", choices=("fp32", "bf16"))
+    attention: str = setting("sdpa", "attention of both trainers' models: sdpa (transformers' default) or eager (as "
+                             "the main job loads the model)", choices=("sdpa", "eager"))
     peak_flops: float | None = setting(None, "peak FLOP/s for MFU (default: the GPU's data sheet, or a timed matmul "
                                        "on the CPU)", optional(positive))
 

@@ -17,7 +17,7 @@ def test_bench_runs_both_trainers_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     status = main(["bench", "--vs", "trl", "--model", str(model), "--dataset", str(data), "--steps", "2",
                    "--batch-size", "4", "--repeats", "1", "--threads", "1", "--peak-flops", "1e11",
-                   "--json", str(out)])
+                   "--attention", "eager", "--json", str(out)])
     assert status == 0
     r = json.loads(out.read_text())
     for key in ("throughput_ratio", "peak_memory_ratio", "end_to_end_ratio", "loss_max_abs_diff", "loss_tolerance",
@@ -29,6 +29,8 @@ def test_bench_runs_both_trainers_and_writes_json(tmp_path, capsys):
         assert len(r["losses"][impl]) == 2
         assert len(r["runs"][impl]) == 1 and len(r["runs"][impl][0]["step_seconds"]) == 2
     assert r["same_tokens"] is True                  # both trainers scored exactly the same token ids
+    assert r["settings"]["attention"] == "eager"     # both models ran the attention asked for (default: sdpa)
+    assert {r["runs"][impl][0]["attention"] for impl in ("trl", "dpo_lib")} == {"eager"}
     assert abs(r["losses"]["trl"][0] - 0.693147) < 1e-5
     assert r["loss_max_abs_diff"] <= r["loss_tolerance"] and r["loss_within_tolerance"]
     assert r["throughput_ratio"] == pytest.approx(r["dpo_lib"]["tokens_per_second"] / r["trl"]["tokens_per_second"])

@@ -22,6 +22,12 @@ of the token ids each trainer built).
   itself before its first update (no second copy of the model; the precompute batches are
   sorted by length too).
 
+Both load the model with the same attention, ``--attention`` (default ``sdpa``, transformers' default; ``eager``
+is how the main job loads it). On 2 CPU cores ``eager`` runs bf16 steps ~10 % faster for both trainers alike
+(the ratio stays: 2.03 against 2.05 on 2026-12-07), but rounds more: it rounds the attention scores and weights
+to bf16 where SDPA's kernel keeps them in fp32, and over 4 steps both trainers' bf16 losses drifted up to 3e-2 from the
+fp32 trajectory (sdpa: TRL 1.6e-2, dpo_lib 9e-3), beyond the bf16 tolerance below.
+
 Timing. Each run is a fresh subprocess, so peak memory is per run: the child's
 ``ru_maxrss`` on CPU (resident set: weights, optimizer state, activations, Python and the
 libraries), ``torch.cuda.max_memory_allocated`` on a GPU. Runs alternate (TRL, dpo_lib,
@@ -205,6 +211,7 @@ def _prepare(args) -> tuple[dict, Path, int] | int:
             "steps": args.steps, "batch_size": args.batch_size,
             "micro_batch_size": micro, "max_length": args.max_length, "learning_rate": args.learning_rate,
             "beta": args.beta, "seed": args.seed, "threads": threads, "device": device, "dtype": args.dtype,
+            "attention": args.attention,
             "tokens": sum(pair_tokens(f) for f in features)}
     return spec, dataset, skipped
 
@@ -264,7 +271,8 @@ def _result(args, spec: dict, dataset: Path, machine: dict, runs: dict, peak: fl
                      "pairs": args.steps * args.batch_size, "steps": args.steps, "batch_size": args.batch_size,
                      "dpo_lib_micro_batch_size": spec["micro_batch_size"], "max_length": args.max_length,
                      "learning_rate": args.learning_rate, "beta": args.beta, "repeats": args.repeats,
-                     "device": spec["device"], "dtype": args.dtype, "threads": spec["threads"],
+                     "device": spec["device"], "dtype": args.dtype, "attention": spec["attention"],
+                     "threads": spec["threads"],
                      "order": f"alternating: {base}, dpo_lib, ...", "lever": spec.get("lever")},
         "what_is_timed": WHAT_IS_TIMED,
         "dpo_lib_levers": ["reference log-probs precomputed by the policy itself before training (no second model)",
@@ -331,7 +339,8 @@ def main(args) -> int:
     machine = _machine(device)
     print(f"[bench] {need} pairs of {dataset} ({skipped} longer than {args.max_length} tokens skipped), "
           f"{args.steps} steps x {args.batch_size} pairs, {spec.pop('tokens')} tokens per run; "
-          f"{device}/{args.dtype}, {threads} threads; load average {machine.get('load_average_at_start')}")
+          f"{device}/{args.dtype}, {spec['attention']} attention, {threads} threads; "
+          f"load average {machine.get('load_average_at_start')}")
     cpu_peak_before = None
     if device == "cpu" and not args.peak_flops:
         from dpo_lib.tools.flops import measure_cpu_peak_flops

@@ -166,8 +166,10 @@ def child(spec: dict) -> dict:
         import datasets  # noqa: F401
         import trl  # noqa: F401
     t0 = time.perf_counter()
-    model, tokenizer = load_model(spec["model"], device=spec["device"])
-    ref_model = load_model(spec["model"], device=spec["device"])[0] if spec["impl"] == "trl" else None
+    attention = spec.get("attention", "sdpa")
+    model, tokenizer = load_model(spec["model"], device=spec["device"], attn_implementation=attention)
+    ref_model = load_model(spec["model"], device=spec["device"], attn_implementation=attention)[0] \
+        if spec["impl"] == "trl" else None
     load_seconds = time.perf_counter() - t0
     rss_after_load = rss_bytes() or 0
     if spec["device"] == "cuda":
@@ -198,5 +200,6 @@ def child(spec: dict) -> dict:
         "peak_memory_bytes": peak_memory_bytes(spec["device"]),
         "rss_after_load_bytes": rss_after_load,
         "threads": torch.get_num_threads(),
+        "attention": model.config._attn_implementation,        # what the model ran, not only what was asked
     })
     return out
