@@ -48,7 +48,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")        # dpo_lib.precision
 JUDGES = ("sentiment",)            # judges available offline by name (dpo_lib.rewards.REWARDS); others via the API
 REFERENCE_MODES = ("initial", "previous")
 # the TrainConfig speed switches `bench --vs lever` turns off one at a time
-BENCH_LEVERS = ("sort_by_length", "compact_lm_head", "shared_prompt", "sparse_embedding_grad")
+BENCH_LEVERS = ("sort_by_length", "compact_lm_head", "shared_prompt", "padding_free", "sparse_embedding_grad")
 INCOMPLETE = ("trim", "drop", "keep")  # what `pairs` does with an answer the token cap cut (dpo_lib.sampling)
 SAMPLERS = ("dpo_lib", "hf")  # generate's decode loop: its own (dpo_lib.sampling.decode), or model.generate
 # what a train run writes in --out: folders, then files (dpo_lib.recipes.train)
@@ -130,6 +130,8 @@ class TrainConfig(Checked):
     compact_lm_head: bool = setting(True, "LM head only on the positions that score a completion token")
     shared_prompt: bool = setting(True, "with the compact LM head: one row [prompt | chosen | rejected] per pair, "
                                   "the prompt's tokens through the model once instead of twice")
+    padding_free: bool = setting(True, "with the shared prompt: a micro-batch's pairs end to end in one row, no "
+                                 "padding, for the linear layers (attention still pair by pair)")
     sparse_embedding_grad: bool = setting(True, "a tied input embedding gets a sparse gradient (no dense [V, d] "
                                           "fill per micro-batch; the weight's .grad stays dense)")
     precision: str = setting("auto", "bf16: forwards under bf16 autocast (weights and optimizer stay float32); "
@@ -140,9 +142,10 @@ class TrainConfig(Checked):
     @property
     def scoring(self) -> dict:
         """How pairs are scored outside the training step too (reference log-probs, held-out accuracy, KL):
-        :func:`dpo_lib.logprobs.concatenated_forward`'s ``compact_head`` / ``shared_prompt``, as the step
-        scores them, so the untrained policy's implicit rewards are exactly 0."""
-        return {"compact_head": self.compact_lm_head, "shared_prompt": self.shared_prompt}
+        :func:`dpo_lib.logprobs.concatenated_forward`'s ``compact_head`` / ``shared_prompt`` / ``padding_free``,
+        as the step scores them, so the untrained policy's implicit rewards are exactly 0."""
+        return {"compact_head": self.compact_lm_head, "shared_prompt": self.shared_prompt,
+                "padding_free": self.padding_free}
 
     def check_combinations(self) -> None:
         if self.batch_size % self.grad_accum:

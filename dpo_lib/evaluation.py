@@ -51,7 +51,7 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
 @torch.no_grad()
 def implicit_reward_accuracy(model, features: list[dict], pad_token_id: int, beta: float,
                              batch_size: int = 8, reference=None, compact_head: bool = False,
-                             shared_prompt: bool = False) -> dict:
+                             shared_prompt: bool = False, padding_free: bool = False) -> dict:
     """Held-out implicit-reward accuracy, mean margin and mean chosen reward, each with its SE over the pairs.
 
     Returns ``accuracy``, ``accuracy_se``, ``margin`` (mean of β·h = r̂_w − r̂_l), ``margin_se``,
@@ -66,7 +66,7 @@ def implicit_reward_accuracy(model, features: list[dict], pad_token_id: int, bet
     model's device: for a LoRA policy, switching the adapter off *is* the reference, so nothing
     needs precomputing.
 
-    ``compact_head`` / ``shared_prompt``: how the policy's pairs are scored
+    ``compact_head`` / ``shared_prompt`` / ``padding_free``: how the policy's pairs are scored
     (:func:`~dpo_lib.logprobs.concatenated_forward`); the same as the reference's, so that the untrained
     policy's rewards are exactly 0.
     """
@@ -77,7 +77,8 @@ def implicit_reward_accuracy(model, features: list[dict], pad_token_id: int, bet
     # the same batches as precompute_reference_logps: same padding, so π_θ = π_ref gives exactly 0
     for chunk in length_sorted_batches(features, batch_size):
         batch = batch_to(collate([features[i] for i in chunk], pad_token_id), device)
-        chosen, rejected = concatenated_forward(model, batch, compact_head=compact_head, shared_prompt=shared_prompt)
+        chosen, rejected = concatenated_forward(model, batch, compact_head=compact_head, shared_prompt=shared_prompt,
+                                                padding_free=padding_free)
         if reference is None:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
@@ -100,14 +101,14 @@ class HeldoutEval:
     ``eval/accuracy``, ``eval/accuracy_se``, ``eval/margin``, ``eval/margin_se``, ``eval/chosen_reward`` and
     ``eval/chosen_reward_se`` (so ``metrics.jsonl``, the plots and ``python -m dpo_lib doctor`` carry them).
     With cached reference log-probs it costs one forward pass over ``features``; ``compact_head`` /
-    ``shared_prompt`` score the policy as the reference log-probs were scored."""
+    ``shared_prompt`` / ``padding_free`` score the policy as the reference log-probs were scored."""
 
     def __init__(self, features: list[dict], pad_token_id: int, every: int, reference=None,
-                 compact_head: bool = False, shared_prompt: bool = False):
+                 compact_head: bool = False, shared_prompt: bool = False, padding_free: bool = False):
         if every < 1:
             raise ValueError(f"HeldoutEval: every must be >= 1 (got {every})")
         self.features, self.pad, self.every, self.reference = features, pad_token_id, every, reference
-        self.scoring = {"compact_head": compact_head, "shared_prompt": shared_prompt}
+        self.scoring = {"compact_head": compact_head, "shared_prompt": shared_prompt, "padding_free": padding_free}
         self.last: dict | None = None  # the latest result, e.g. the final held-out accuracy
 
     def __call__(self, trainer, metrics: dict) -> None:

@@ -32,15 +32,16 @@ __all__ = ["AdapterDisabledReference", "FrozenReference", "model_fingerprint", "
 class FrozenReference:
     """A frozen deep copy of ``model``; call it on a collated batch for ``(chosen, rejected)`` log-probs.
 
-    ``compact_head`` / ``shared_prompt``: how :func:`~dpo_lib.logprobs.concatenated_forward` scores the
-    pairs (less work, the same numbers to float rounding). Score the policy the same way
+    ``compact_head`` / ``shared_prompt`` / ``padding_free``: how :func:`~dpo_lib.logprobs.concatenated_forward`
+    scores the pairs (less work, the same numbers to float rounding). Score the policy the same way
     (:meth:`dpo_lib.config.TrainConfig.scoring`), or the untrained policy's implicit rewards are off 0 by
     rounding and a strict accuracy reads noise."""
 
-    def __init__(self, model: torch.nn.Module, compact_head: bool = False, shared_prompt: bool = False):
+    def __init__(self, model: torch.nn.Module, compact_head: bool = False, shared_prompt: bool = False,
+                 padding_free: bool = False):
         self.model = copy.deepcopy(model).eval()
         self.model.requires_grad_(False)
-        self.scoring = {"compact_head": compact_head, "shared_prompt": shared_prompt}
+        self.scoring = {"compact_head": compact_head, "shared_prompt": shared_prompt, "padding_free": padding_free}
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,13 +50,14 @@ class FrozenReference:
 
 class AdapterDisabledReference:
     """The base of a peft model, i.e. the policy with its LoRA adapter switched off (``compact_head`` /
-    ``shared_prompt``: as in :class:`FrozenReference`)."""
+    ``shared_prompt`` / ``padding_free``: as in :class:`FrozenReference`)."""
 
-    def __init__(self, peft_model: torch.nn.Module, compact_head: bool = False, shared_prompt: bool = False):
+    def __init__(self, peft_model: torch.nn.Module, compact_head: bool = False, shared_prompt: bool = False,
+                 padding_free: bool = False):
         if not hasattr(peft_model, "disable_adapter"):
             raise TypeError("AdapterDisabledReference needs a peft model (with .disable_adapter())")
         self.model = peft_model
-        self.scoring = {"compact_head": compact_head, "shared_prompt": shared_prompt}
+        self.scoring = {"compact_head": compact_head, "shared_prompt": shared_prompt, "padding_free": padding_free}
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

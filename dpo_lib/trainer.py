@@ -16,7 +16,8 @@ Speed (on by default; same maths, fewer FLOPs — see ``python -m dpo_lib bench`
 ``sort_by_length`` orders each step's pairs by length before cutting them into the
 ``grad_accum`` micro-batches, so each micro-batch is padded only to its own longest pair;
 ``compact_lm_head`` runs the LM head only on the positions that score a completion token, and with it
-``shared_prompt`` runs each pair as one row ``[prompt | chosen | rejected]`` (the prompt once, not twice);
+``shared_prompt`` runs each pair as one row ``[prompt | chosen | rejected]`` (the prompt once, not twice),
+and ``padding_free`` lays a micro-batch's rows end to end so the linear layers see no padding;
 ``sparse_embedding_grad`` gives a tied input embedding a sparse gradient, added row by row into the
 LM head's dense one (:func:`dpo_lib.logprobs.sparse_embedding_grad`).
 ``precision="bf16"`` runs the forward under bf16 autocast (:func:`dpo_lib.precision.autocast`);
@@ -181,7 +182,7 @@ def batch_loss(model, batch: dict, c: TrainConfig, reference=None, device="cpu",
     for ``orpo``, ``nll`` is the NLL part of its loss (already inside ``loss``)."""
     with autocast(c.precision, device), sparse_embedding_grad(model, c.sparse_embedding_grad):
         chosen, rejected = concatenated_forward(model, batch, compact_head=c.compact_lm_head,   # (B,), (B,)
-                                                shared_prompt=c.shared_prompt)
+                                                shared_prompt=c.shared_prompt, padding_free=c.padding_free)
     n_chosen, n_rejected = completion_lengths(batch)                               # (B,), (B,)
     ref_chosen = ref_rejected = None
     if needs_reference(c.loss_type):

@@ -113,7 +113,8 @@ def test_heldout_chosen_reward_and_margin_with_their_ses():
         assert got[key] == pytest.approx(e.value, abs=1e-5) and got[f"{key}_se"] == pytest.approx(e.se, abs=1e-5)
 
 
-@pytest.mark.parametrize("scoring", [{}, {"compact_head": True}, {"compact_head": True, "shared_prompt": True}])
+@pytest.mark.parametrize("scoring", [{}, {"compact_head": True}, {"compact_head": True, "shared_prompt": True},
+                                     {"compact_head": True, "shared_prompt": True, "padding_free": True}])
 def test_untrained_policy_scored_as_its_reference_has_rewards_exactly_zero(scoring):
     """The reference log-probs precomputed by FrozenReference(model, **scoring) and the policy scored by
     implicit_reward_accuracy(..., **scoring) (the same length-sorted batches, the same layout): every implicit

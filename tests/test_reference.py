@@ -98,16 +98,19 @@ def test_model_fingerprint_changes_with_one_weight(setup):
     assert model_fingerprint(tiny(seed=1)[0]) != fp
 
 
-@pytest.mark.parametrize("compact_head,shared_prompt", [(True, False), (True, True)])
-def test_reference_scores_pairs_the_way_it_is_told(setup, compact_head, shared_prompt):
-    """FrozenReference(model, compact_head=…, shared_prompt=…) returns concatenated_forward's numbers with those
-    switches, bitwise, and the full head's to float32 rounding (relative 1e-5 of sums of -50 to -90 nats)."""
+@pytest.mark.parametrize("compact_head,shared_prompt,padding_free", [(True, False, False), (True, True, False),
+                                                                    (True, True, True)])
+def test_reference_scores_pairs_the_way_it_is_told(setup, compact_head, shared_prompt, padding_free):
+    """FrozenReference(model, compact_head=…, shared_prompt=…, padding_free=…) returns concatenated_forward's
+    numbers with those switches, bitwise, and the full head's to float32 rounding (relative 1e-5 of sums of -50
+    to -90 nats)."""
     model, tok, features = setup
-    ref = FrozenReference(model, compact_head=compact_head, shared_prompt=shared_prompt)
+    scoring = {"compact_head": compact_head, "shared_prompt": shared_prompt, "padding_free": padding_free}
+    ref = FrozenReference(model, **scoring)
     batch = collate(features[:6], tok.pad_token_id)
     got = ref(batch)
     with torch.no_grad():
-        want = concatenated_forward(ref.model, batch, compact_head=compact_head, shared_prompt=shared_prompt)
+        want = concatenated_forward(ref.model, batch, **scoring)
         full = concatenated_forward(ref.model, batch)
     for g, w, f in zip(got, want, full):
         assert torch.equal(g, w)

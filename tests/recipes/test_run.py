@@ -164,6 +164,6 @@ def test_reference_key_names_the_weights_the_precision_and_the_scoring():
 
     from dpo_lib.config import TrainConfig
     key = lambda **levers: reference_key(SimpleNamespace(fingerprint="abc", config=TrainConfig(**levers)))  # noqa: E731
-    assert key(precision="bf16") == "abc-bf16-compact_head-shared_prompt"
-    assert key(precision="fp32", shared_prompt=False) == "abc-fp32-compact_head"
-    assert key(precision="fp32", compact_lm_head=False, shared_prompt=False) == "abc-fp32"
+    assert key(precision="bf16") == "abc-bf16-compact_head-shared_prompt-padding_free"
+    assert key(precision="fp32", shared_prompt=False, padding_free=False) == "abc-fp32-compact_head"
+    assert key(precision="fp32", compact_lm_head=False, shared_prompt=False, padding_free=False) == "abc-fp32"

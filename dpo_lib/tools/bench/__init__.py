@@ -70,7 +70,7 @@ One lever at a time: ``--vs lever --lever NAME`` runs dpo_lib with the lever and
 else the same), alternating, no TRL; ``throughput_ratio`` is then with / without, on the same machine in
 one run, and the loss check compares the two (same tolerances: a lever that changes the order of a sum
 moves bf16 losses by up to ~1e-2, as TRL's kernels do). Levers: ``sort_by_length``,
-``compact_lm_head`` and ``shared_prompt`` (each off also in the reference precompute),
+``compact_lm_head``, ``shared_prompt`` and ``padding_free`` (each off also in the reference precompute),
 ``sparse_embedding_grad`` (:data:`dpo_lib.config.BENCH_LEVERS`).
 
 Sampling: ``--vs generate`` times :func:`dpo_lib.sampling.generate`'s decode loop against transformers'
@@ -279,6 +279,8 @@ def _result(args, spec: dict, dataset: Path, machine: dict, runs: dict, peak: fl
                            "pairs sorted by length into micro-batches (less padding, same loss)",
                            "LM head only on scored positions (compact_lm_head), fused log-softmax gather",
                            "one row [prompt | chosen | rejected] per pair: the prompt once (shared_prompt)",
+                           "those rows end to end, no padding, for the linear layers; attention pair by pair "
+                           "(padding_free)",
                            "a sparse gradient for the tied input embedding (sparse_embedding_grad)"],
         "baseline": base, base: t, "dpo_lib": d,
         "throughput_ratio": d["tokens_per_second"] / t["tokens_per_second"],

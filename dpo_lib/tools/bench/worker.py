@@ -34,7 +34,8 @@ class PolicyAsReference:
     def __init__(self, model, spec: dict):
         self.model, self.spec = model, spec
         off = spec.get("levers_off", [])
-        self.compact, self.shared = "compact_lm_head" not in off, "shared_prompt" not in off
+        self.compact, self.shared, self.padding_free = (lever not in off for lever in (
+            "compact_lm_head", "shared_prompt", "padding_free"))
 
     def __call__(self, batch: dict):
         import torch
@@ -48,7 +49,7 @@ class PolicyAsReference:
             with torch.no_grad(), autocast(self.spec["dtype"], self.spec["device"]):
                 batch = batch_to(batch, self.spec["device"])
                 chosen, rejected = concatenated_forward(self.model, batch, compact_head=self.compact,
-                                                        shared_prompt=self.shared)
+                                                        shared_prompt=self.shared, padding_free=self.padding_free)
                 return chosen.float().cpu(), rejected.float().cpu()
         finally:
             self.model.train(was_training)
