@@ -94,3 +94,21 @@ def test_bench_vs_generate_times_both_loops_at_both_batch_sizes(tmp_path, capsys
     assert r["settings"]["batch_sizes"]["auto"] == 128 and len(r["runs"]["hf@32"]) == 1
     assert all(r[arm]["tokens"] > 0 for arm in ARMS)
     assert "loop (dpo_lib/hf" in capsys.readouterr().out
+
+
+def test_bench_in_bf16_checks_each_trainer_against_the_float32_trajectory(tmp_path):
+    """In bf16 one extra float32 dpo_lib run gives the trajectory both trainers round: each one's largest
+    distance from it is the check (tolerance 2e-2), the two trainers' difference is only reported."""
+    model = save_tiny(tmp_path / "model")
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_rows(12))
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--vs", "trl", "--model", str(model), "--dataset", str(data), "--steps", "2",
+                 "--batch-size", "4", "--repeats", "1", "--threads", "1", "--peak-flops", "1e11", "--dtype", "bf16",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert len(r["fp32_losses"]) == 2 and abs(r["fp32_losses"][0] - 0.693147) < 1e-5   # step 1: log 2 exactly
+    vs = r["loss_max_abs_diff_vs_fp32"]
+    for impl in ("trl", "dpo_lib"):
+        want = max(abs(a - b) for a, b in zip(r["runs"][impl][0]["losses"], r["fp32_losses"]))
+        assert vs[impl] == pytest.approx(want, abs=0)
+    assert r["loss_within_tolerance"] == (max(vs.values()) <= r["loss_tolerance"] == 2e-2)
