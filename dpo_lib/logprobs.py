@@ -27,13 +27,8 @@ that score a completion token need it, so the compact path runs the backbone, ga
 ``M`` hidden states that score completion tokens (``M`` = completion tokens in the batch,
 typically well under half of ``B x T``), and computes ``[M, V]`` logits once, with a fused
 log-softmax-gather whose backward writes the logits gradient in place
-(:func:`linear_token_logprobs`). Same numbers as the default path to float rounding.
-
-Padding (``shared_prompt=True, padding_free=True``): a micro-batch's rows are padded to its longest, and the
-linear layers, nearly all of the FLOPs, would run on the padding too (11 % of the slots of the bench's 4-pair
-steps). The padding-free path lays the rows end to end in one row of real tokens for the linear layers, and
-gathers each pair back into its padded row only inside attention (a registered transformers attention function
-that wraps the model's own), so no pair sees another and the numbers are the same.
+(:func:`linear_token_logprobs`). Same numbers as the default path to float rounding. The padding a
+micro-batch's rows carry is the subject of :mod:`dpo_lib.padding_free`.
 """
 
 from __future__ import annotations
@@ -42,8 +37,10 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["SHARED_PROMPT_ATTENTION", "concatenated_forward", "linear_token_logprobs", "padding_free_layout",
-           "sequence_logprobs", "shared_prompt_layout", "sparse_embedding_grad", "token_logprobs"]
+from dpo_lib.padding_free import model_attention, padding_free_layout, segment_attention
+
+__all__ = ["SHARED_PROMPT_ATTENTION", "concatenated_forward", "linear_token_logprobs", "sequence_logprobs",
+           "shared_prompt_layout", "sparse_embedding_grad", "token_logprobs"]
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -265,86 +262,6 @@ def shared_prompt_layout(batch: dict, pad_id: int = 0) -> dict | None:
 SHARED_PROMPT_ATTENTION = ("eager", "sdpa")  # attention implementations that take a custom 4D mask as given
 
 
-def padding_free_layout(layout: dict) -> dict:
-    """The rows of a :func:`shared_prompt_layout` laid end to end in one row of ``T`` tokens, no padding.
-
-    The linear layers then run on the ``T`` real tokens only; attention still runs pair by pair
-    (:func:`_segment_attention` gathers each pair's queries, keys and values back into the padded ``(B, L)``
-    layout, applies ``allowed`` there, and scatters the outputs back), so no pair sees another and attention
-    costs what it cost before. Returns ``input_ids`` and ``position_ids`` ``(1, T)``, ``gather`` ``(B*L,)``
-    (the packed token at each padded slot; padding slots read token 0, which ``allowed`` masks), ``slot``
-    ``(T,)`` (each packed token's padded slot) and ``hidden_index`` ``(M,)`` (the packed position scoring each
-    target).
-    """
-    B, L = layout["input_ids"].shape
-    lengths = layout["allowed"][:, 0].diagonal(dim1=-2, dim2=-1).sum(-1)          # (B,) padding sees key 0, not itself
-    real = torch.arange(L).expand(B, L) < lengths[:, None]                        # (B, L)
-    offsets = torch.cumsum(lengths, 0) - lengths                                  # (B,)
-    packed_at = offsets[:, None] + torch.arange(L)                                # (B, L) packed index of slot
-    slot = real.flatten().nonzero().flatten()                                     # (T,) slots in packed order
-    gather = torch.where(real, packed_at, torch.zeros_like(packed_at)).flatten()  # (B*L,)
-    rows, pos = layout["hidden_index"][:, 0], layout["hidden_index"][:, 1]
-    return {"input_ids": layout["input_ids"][real][None], "position_ids": layout["position_ids"][real][None],
-            "gather": gather, "slot": slot, "hidden_index": offsets[rows] + pos, "rows": B}
-
-
-_SEGMENTS: dict | None = None   # the padding-free forward in progress: its gather/slot indices and base attention
-SEGMENT_ATTENTION = "dpo_lib_segments"
-
-
-def _segment_attention(module, query, key, value, attention_mask, **kwargs):
-    """Attention of a padding-free row (:func:`padding_free_layout`): ``query`` ``(1, H, T, D)`` (keys and values
-    with their own head count) gathered into ``(B, H, L, D)``, the model's own attention there with the
-    per-pair mask ``attention_mask`` ``(B, 1, L, L)``, the output ``(B, L, H, D)`` scattered back to
-    ``(1, T, H, D)``."""
-    seg = _SEGMENTS
-    B, L = seg["rows"], seg["gather"].numel() // seg["rows"]
-
-    def to_rows(x):                                                                # (1, h, T, D) -> (B, h, L, D)
-        h, D = x.shape[1], x.shape[-1]
-        return x[0].index_select(1, seg["gather"]).view(h, B, L, D).transpose(0, 1)
-
-    out, weights = seg["attention"](module, to_rows(query), to_rows(key), to_rows(value), attention_mask, **kwargs)
-    H, D = out.shape[-2], out.shape[-1]
-    return out.reshape(B * L, H, D).index_select(0, seg["slot"])[None], weights   # (1, T, H, D)
-
-
-def _model_attention(model, name: str):
-    """The attention function ``name`` of ``model`` (``eager``: the model's own module-level one)."""
-    if name == "eager":
-        import sys
-        for m in model.modules():
-            fn = getattr(sys.modules.get(type(m).__module__), "eager_attention_forward", None)
-            if fn is not None:
-                return fn
-        return None
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    return ALL_ATTENTION_FUNCTIONS[name] if name in ALL_ATTENTION_FUNCTIONS else None
-
-
-def _padding_free_states(model, decoder, layout: dict, allowed: torch.Tensor, attention,
-                         device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decoder states ``(T, d)`` of :func:`padding_free_layout` and the packed index of each scored state:
-    the model called on the one packed row with :func:`_segment_attention` in place of ``attention`` (its own
-    attention function) for this call only."""
-    global _SEGMENTS
-    from transformers import AttentionInterface
-    config = model.config
-    base = config._attn_implementation
-    packed = padding_free_layout(layout)
-    AttentionInterface.register(SEGMENT_ATTENTION, _segment_attention)
-    _SEGMENTS = {"rows": packed["rows"], "gather": packed["gather"].to(device), "slot": packed["slot"].to(device),
-                 "attention": attention}
-    config._attn_implementation = SEGMENT_ATTENTION
-    try:
-        states = _decoder_states(model, decoder, input_ids=packed["input_ids"].to(device), attention_mask=allowed,
-                                 position_ids=packed["position_ids"].to(device))  # (1, T, d)
-    finally:
-        config._attn_implementation = base
-        _SEGMENTS = None
-    return states[0], packed["hidden_index"].to(device)
-
-
 def _shared_prompt_forward(model, parts, batch: dict, average: bool,
                            padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """:func:`concatenated_forward` on the :func:`shared_prompt_layout`; ``None`` where it does not apply."""
@@ -360,11 +277,14 @@ def _shared_prompt_forward(model, parts, batch: dict, average: bool,
         dtype = next(model.parameters()).dtype
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     decoder, lm_head = parts
-    attention = _model_attention(model, config._attn_implementation) if padding_free else None
+    attention = model_attention(model, config._attn_implementation) if padding_free else None
     if attention is not None and not (model.training and getattr(decoder, "gradient_checkpointing", False)):
         # (recomputed checkpoints would run after the attention function is put back: those keep the padded rows)
-        states, index = _padding_free_states(model, decoder, layout, allowed, attention, device)  # (T, d), (M,)
-        scored = states[index]                                                     # (M, d)
+        packed = padding_free_layout(layout)
+        with segment_attention(model, packed, attention, device):
+            states = _decoder_states(model, decoder, input_ids=packed["input_ids"].to(device),
+                                     attention_mask=allowed, position_ids=packed["position_ids"].to(device))
+        scored = states[0][packed["hidden_index"].to(device)]                      # (1, T, d) -> (M, d)
     else:
         states = _decoder_states(model, decoder, input_ids=layout["input_ids"].to(device), attention_mask=allowed,
                                  position_ids=layout["position_ids"].to(device))  # (B, L, d)
@@ -395,7 +315,7 @@ def concatenated_forward(model, batch: dict, average: bool = False, compact_head
     numbers to float rounding. It falls back to the two-row layout where the attention implementation cannot
     take a custom mask (:data:`SHARED_PROMPT_ATTENTION`) or a pair's prompts differ. ``padding_free=True`` (with
     ``shared_prompt``) lays those rows end to end, so the linear layers run on real tokens only, and attention
-    runs pair by pair as before (:func:`padding_free_layout`): the same numbers.
+    runs pair by pair as before (:func:`dpo_lib.padding_free.padding_free_layout`): the same numbers.
 
     The log-probs are fp32 even from a bf16/fp16 model: the logits are upcast before they
     are summed (see the module docstring).
