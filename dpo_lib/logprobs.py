@@ -216,9 +216,10 @@ def shared_prompt_layout(batch: dict, pad_id: int = 0) -> dict | None:
     prompt's last hidden state, like the chosen one's.
 
     Returns ``input_ids`` and ``position_ids`` ``(B, L)``, ``allowed`` ``(B, 1, L, L)`` (True: query may attend
-    to key), and the scored tokens: ``hidden_index`` ``(M, 2)`` (row, position of the hidden state that scores
-    each), ``targets`` ``(M,)``, ``out_rows`` ``(M,)`` (i for the chosen reply of pair i, B+i for its rejected
-    one). ``None`` when a pair does not fit it (different prompts, scored tokens not one contiguous run).
+    to key), ``lengths`` ``(B,)`` (each row's real tokens), and the scored tokens: ``hidden_index`` ``(M, 2)``
+    (row, position of the hidden state that scores each), ``targets`` ``(M,)``, ``out_rows`` ``(M,)`` (i for the
+    chosen reply of pair i, B+i for its rejected one). ``None`` when a pair does not fit it (different prompts,
+    scored tokens not one contiguous run).
     """
     ids, attn, scored = (batch[k].tolist() for k in ("input_ids", "attention_mask", "completion_mask"))
     B = len(ids) // 2
@@ -237,7 +238,8 @@ def shared_prompt_layout(batch: dict, pad_id: int = 0) -> dict | None:
         if prompt != prompt_r:
             return None
         rows.append((prompt, chosen, rejected))
-    L = max(len(p) + len(c) + len(r) for p, c, r in rows)
+    lengths = [len(p) + len(c) + len(r) for p, c, r in rows]
+    L = max(lengths)
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     position_ids = torch.zeros((B, L), dtype=torch.long)
     allowed = torch.zeros((B, 1, L, L), dtype=torch.bool)
@@ -255,6 +257,7 @@ def shared_prompt_layout(batch: dict, pad_id: int = 0) -> dict | None:
         targets += chosen + rejected
         out_rows += [i] * C + [B + i] * R
     return {"input_ids": input_ids, "position_ids": position_ids, "allowed": allowed,
+            "lengths": torch.tensor(lengths),
             "hidden_index": torch.tensor(hidden_index), "targets": torch.tensor(targets),
             "out_rows": torch.tensor(out_rows)}
 

@@ -35,7 +35,7 @@ def padding_free_layout(layout: dict) -> dict:
     packed position of the state that scores each target) and ``rows`` (``B``).
     """
     B, L = layout["input_ids"].shape
-    lengths = layout["allowed"][:, 0].diagonal(dim1=-2, dim2=-1).sum(-1)          # (B,) padding sees key 0, not itself
+    lengths = layout["lengths"]                                                   # (B,) each row's real tokens
     real = torch.arange(L).expand(B, L) < lengths[:, None]                        # (B, L)
     offsets = torch.cumsum(lengths, 0) - lengths                                  # (B,) where each row starts
     packed_at = offsets[:, None] + torch.arange(L)                                # (B, L) packed index of each slot

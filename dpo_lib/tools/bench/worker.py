@@ -13,7 +13,7 @@ import statistics
 import tempfile
 import time
 
-__all__ = ["PolicyAsReference", "child", "pair_tokens"]
+__all__ = ["PolicyAsReference", "child", "levers", "pair_tokens"]
 
 
 def pair_tokens(f: dict) -> int:
@@ -27,15 +27,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def levers(spec: dict) -> dict:
+    """The TrainConfig speed switches of a run: every one of :data:`~dpo_lib.config.BENCH_LEVERS` on but those
+    in ``spec["levers_off"]``."""
+    from dpo_lib.config import BENCH_LEVERS
+    return {lever: lever not in spec.get("levers_off", []) for lever in BENCH_LEVERS}
+
+
 class PolicyAsReference:
     """The policy before its first update *is* π_ref: score batches with it under ``no_grad``
     in eval mode (compact LM head), so no second copy of the weights is ever made."""
 
     def __init__(self, model, spec: dict):
+        from dpo_lib.config import TrainConfig
         self.model, self.spec = model, spec
-        off = spec.get("levers_off", [])
-        self.compact, self.shared, self.padding_free = (lever not in off for lever in (
-            "compact_lm_head", "shared_prompt", "padding_free"))
+        self.scoring = TrainConfig(**levers(spec)).scoring    # scored as the training step scores them
 
     def __call__(self, batch: dict):
         import torch
@@ -48,15 +54,14 @@ class PolicyAsReference:
         try:
             with torch.no_grad(), autocast(self.spec["dtype"], self.spec["device"]):
                 batch = batch_to(batch, self.spec["device"])
-                chosen, rejected = concatenated_forward(self.model, batch, compact_head=self.compact,
-                                                        shared_prompt=self.shared, padding_free=self.padding_free)
+                chosen, rejected = concatenated_forward(self.model, batch, **self.scoring)
                 return chosen.float().cpu(), rejected.float().cpu()
         finally:
             self.model.train(was_training)
 
 
 def run_dpo_lib(spec: dict, model, tokenizer) -> dict:
-    from dpo_lib.config import BENCH_LEVERS, TrainConfig
+    from dpo_lib.config import TrainConfig
     from dpo_lib.features import token_ids_hash, tokenize_rows
     from dpo_lib.reference import precompute_reference_logps
     from dpo_lib.trainer import DPOTrainer
@@ -74,7 +79,7 @@ def run_dpo_lib(spec: dict, model, tokenizer) -> dict:
                          grad_accum=spec["batch_size"] // micro, max_steps=spec["steps"], warmup_ratio=0.0,
                          schedule="constant", weight_decay=0.0, max_grad_norm=1.0, seed=spec["seed"],
                          print_every=0, shuffle=False, precision="fp32",  # bf16: autocast by the Accelerator below
-                         **{lever: lever not in spec.get("levers_off", []) for lever in BENCH_LEVERS})
+                         **levers(spec))
     accelerator = None
     if spec["device"] == "cuda" or spec["dtype"] == "bf16":
         from accelerate import Accelerator
@@ -167,7 +172,7 @@ def child(spec: dict) -> dict:
         import datasets  # noqa: F401
         import trl  # noqa: F401
     t0 = time.perf_counter()
-    attention = spec.get("attention", "sdpa")
+    attention = spec["attention"]
     model, tokenizer = load_model(spec["model"], device=spec["device"], attn_implementation=attention)
     ref_model = load_model(spec["model"], device=spec["device"], attn_implementation=attention)[0] \
         if spec["impl"] == "trl" else None
