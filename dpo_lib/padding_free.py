@@ -19,6 +19,8 @@ from contextlib import contextmanager
 
 import torch
 
+from dpo_lib.models import attention_implementation
+
 __all__ = ["SEGMENT_ATTENTION", "model_attention", "padding_free_layout", "segment_attention"]
 
 SEGMENT_ATTENTION = "dpo_lib_segments"  # the name the attention function is registered under, for one call
@@ -82,14 +84,11 @@ def segment_attention(model, packed: dict, attention, device):
     back on the way out, error or not."""
     global _SEGMENTS
     from transformers import AttentionInterface
-    config = model.config
-    base = config._attn_implementation
     AttentionInterface.register(SEGMENT_ATTENTION, _segment_attention)
     _SEGMENTS = {"rows": packed["rows"], "gather": packed["gather"].to(device), "slot": packed["slot"].to(device),
                  "attention": attention}
-    config._attn_implementation = SEGMENT_ATTENTION
     try:
-        yield
+        with attention_implementation(model, SEGMENT_ATTENTION):
+            yield
     finally:
-        config._attn_implementation = base
         _SEGMENTS = None

@@ -88,3 +88,31 @@ def test_sampling_batch_size_keeps_the_cache_within_its_token_budget():
     45 + 512 -> 16 384 // 557 = 29; a prompt longer than the budget -> 1."""
     from dpo_lib.sampling import sampling_batch_size
     assert (sampling_batch_size(45, 40), sampling_batch_size(45, 512), sampling_batch_size(20_000, 10)) == (128, 29, 1)
+
+
+def test_decode_runs_an_eager_model_on_sdpa_and_gives_it_back_its_eager_attention(monkeypatch):
+    """A model set to eager attention: decode's forwards call the SDPA function (counted through a wrapper
+    registered in its place), its greedy tokens are model.generate's under eager attention, and the model is
+    eager again afterwards, also when a forward raises."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from dpo_lib.sampling import decode_attention
+    model, tok = tiny(seed=2)
+    model.eval()
+    model.config._attn_implementation = "eager"
+    assert decode_attention(model) == "sdpa"
+    input_ids, attention = _left_padded(tok, [r["prompt"] for r in toy_rows(4)])
+    want = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False, max_new_tokens=6,
+                          pad_token_id=tok.pad_token_id, eos_token_id=None)[:, input_ids.shape[1]:]
+    calls = []
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa",
+                        lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    got = decode(model, input_ids, attention, 6, -1, tok.pad_token_id, temperature=0)
+    assert torch.equal(got, want)
+    assert len(calls) == 6 * model.config.num_hidden_layers                        # every layer of every forward
+    assert model.config._attn_implementation == "eager"
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        decode(model, input_ids, attention, 6, -1, tok.pad_token_id, temperature=0)
+    assert model.config._attn_implementation == "eager"

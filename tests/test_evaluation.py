@@ -121,12 +121,13 @@ def test_untrained_policy_scored_as_its_reference_has_rewards_exactly_zero(scori
     reward is exactly 0, so the strict accuracy is 0 and the margin and chosen reward 0 with SE 0; the
     HeldoutEval callback passes the same switches on."""
     from dpo_lib.config import TrainConfig
-    from dpo_lib.evaluation import HeldoutEval
+    from dpo_lib.evaluation import HeldoutEval, untrained_accuracy
     model, tok = tiny(seed=0)
     features, _ = tokenize_rows(tok, toy_rows(11))
     held = precompute_reference_logps(FrozenReference(model, **scoring), features, tok.pad_token_id)  # batches of 8
     got = implicit_reward_accuracy(model, held, tok.pad_token_id, beta=0.1, **scoring)
     assert (got["accuracy"], got["margin"], got["margin_se"], got["chosen_reward"]) == (0.0, 0.0, 0.0, 0.0)
+    assert got == untrained_accuracy(len(held))  # what the main job reports before training, without measuring
 
     class Trainer:  # what HeldoutEval reads of a trainer
         step, total_steps, config = 1, 1, TrainConfig(precision="fp32")

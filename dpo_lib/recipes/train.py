@@ -28,7 +28,7 @@ from pathlib import Path
 
 from dpo_lib.config import JobConfig, TrainConfig
 from dpo_lib.data import data_hash, load_preferences
-from dpo_lib.evaluation import HeldoutEval, side_by_side
+from dpo_lib.evaluation import HeldoutEval, side_by_side, untrained_accuracy
 from dpo_lib.features import tokenize_rows
 from dpo_lib.losses import needs_reference
 from dpo_lib.plots import plot_training
@@ -120,7 +120,8 @@ def run(out: Path, job: JobConfig | None = None, config: TrainConfig | None = No
         timings = {"load_and_reference_logps": time.perf_counter() - t_start}
         reward_fn = _reward(job)
         t0 = time.perf_counter()
-        before = evaluate(s, job, reward_fn, with_kl=False)
+        # before training the policy is its reference: the held-out accuracy is 0 by construction, not measured
+        before = evaluate(s, job, reward_fn, with_kl=False, accuracy=untrained_accuracy(len(s.eval_features)))
         timings["evaluate_before"] = time.perf_counter() - t0
         tax_before = _capability(s, job, timings, "capability_before")
         history, train_seconds, final_accuracy = _train(s, features, out, job.resume, job.eval_every)
