@@ -13,7 +13,10 @@ Four arms, two levers:
 ``loop_ratio`` is dpo_lib@auto over hf@auto (the loop alone), ``batch_ratio`` dpo_lib@auto over dpo_lib@32 (the
 batch alone), ``throughput_ratio`` dpo_lib@auto over hf@32 (both: the default now against the default before).
 Every arm runs inside the same :func:`~dpo_lib.sampling.generate` (chat template, left padding, decoding the
-text): only the loop and the batch differ. The arms alternate, ``--repeats`` rounds after an untimed greedy
+text): only the loop and the batch differ — and the attention: the model is loaded with eager attention, as
+the main job loads it, which ``model.generate`` runs, while the decode loop runs SDPA
+(:func:`~dpo_lib.sampling.decode_attention`, from 2026-12-07 on; ``settings["attention"]``), so the loop's ratio
+includes it. The greedy check runs both loops on SDPA. The arms alternate, ``--repeats`` rounds after an untimed greedy
 warm-up, so a slow minute of a shared machine hits all of them.
 
 ``tokens_per_second`` counts the tokens each sample got (up to and including its EOS) over the wall time
@@ -80,9 +83,9 @@ def main(args) -> int:
 
     from dpo_lib.features import encode_prompt
     from dpo_lib.logger import package_versions
-    from dpo_lib.models import load_model
+    from dpo_lib.models import attention_implementation, load_model
     from dpo_lib.precision import autocast
-    from dpo_lib.sampling import generate, sampling_batch_size
+    from dpo_lib.sampling import decode_attention, generate, sampling_batch_size
     from dpo_lib.tools.bench import BENCH_PACKAGES, _machine
 
     if args.threads:
@@ -97,8 +100,10 @@ def main(args) -> int:
           f"batches of 32 and {auto} (auto), {args.dtype}, {torch.get_num_threads()} threads")
     runs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     with autocast(args.dtype):
-        greedy = {s: generate(model, tokenizer, prompts[:8], max_new_tokens=16, temperature=0, progress=False,
-                              sampler=s) for s in ("hf", "dpo_lib")}
+        # the loops compared on one attention function (decode's): eager and SDPA round bf16 differently
+        with attention_implementation(model, decode_attention(model)):
+            greedy = {s: generate(model, tokenizer, prompts[:8], max_new_tokens=16, temperature=0, progress=False,
+                                  sampler=s) for s in ("hf", "dpo_lib")}
         for r in range(args.repeats):
             for arm in runs:
                 res = _timed(model, tokenizer, prompts, arm, seed=args.seed + r)
@@ -109,7 +114,9 @@ def main(args) -> int:
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "machine": machine, "versions": package_versions(BENCH_PACKAGES),
         "settings": {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "prompts_file": str(source),
-                     **WORK, "batch_sizes": {"32": 32, "auto": auto}, "dtype": args.dtype, "repeats": args.repeats,
+                     **WORK, "batch_sizes": {"32": 32, "auto": auto}, "dtype": args.dtype,
+                     "attention": {"hf": model.config._attn_implementation, "dpo_lib": decode_attention(model)},
+                     "repeats": args.repeats,
                      "threads": torch.get_num_threads(), "order": "alternating: " + ", ".join(ARMS) + ", ..."},
         "what_is_timed": "each generate() call whole: template, padding, the decode loop, detokenizing",
         **_ratios(runs),
