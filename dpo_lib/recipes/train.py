@@ -8,7 +8,8 @@
   reference-free loss, ``simpo`` or ``orpo``, only the held-out pairs': the evaluation's
   implicit-reward accuracy and KL are DPO's, measured against the reference for every loss);
 * evaluate (:func:`dpo_lib.recipes.run.evaluate`, the same code before and after training): held-out
-  implicit-reward accuracy (DPO Eq. 5), samples on held-out prompts scored by the ground-truth
+  implicit-reward accuracy (DPO Eq. 5; before training 0 by construction, the policy being its reference:
+  :func:`dpo_lib.evaluation.untrained_accuracy`), samples on held-out prompts scored by the ground-truth
   reward, and after training the KL of the policy to the reference;
 * train: :class:`dpo_lib.trainer.DPOTrainer`;
 * write: ``summary.json`` (paired reward gain, win rate, KL), ``samples.md``, the plots,
