@@ -247,6 +247,9 @@ class IterateConfig(Checked):
     incomplete: str = setting("trim", "a training answer the cap cut: trim it to its last complete sentence, drop "
                               "it, or keep it as cut (as the bundled pairs were made: `pairs --incomplete`)",
                               choices=INCOMPLETE)
+    # A policy is the model's full weights (0.5 GB for the default model in float32): by default a finished
+    # round deletes the one before it, keeping round 1's (branch starts from it) and the last (resume does).
+    keep_every_policy: bool = setting(False, "keep every round's policy/ (default: round 1's and the last round's)")
 
     def check_combinations(self) -> None:
         if self.prompts is None:

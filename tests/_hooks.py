@@ -1,7 +1,7 @@
 """Test-only faults for a ``python -m dpo_lib`` subprocess: a signal at one point of a training step, or a
 full disk / read-only folder while a file is written. Installed by a ``sitecustomize.py`` that
 :func:`hook_env` writes into a temporary folder put first on ``PYTHONPATH``; the spec is the JSON of
-``DPO_TEST_HOOK``. Nothing here touches the machine's mounts: the write functions raise the OSError
+``DPO_TEST_HOOK``. Nothing here touches the machine's mounts: the write functions raise the error
 a full disk would. The library itself has no hook."""
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def _signal_at(signum: int, at: str, step: int) -> None:
 
 def _fail_at(what: str, call: int, code: int, message: str) -> None:
     """The ``call``-th write of ``what`` (``checkpoint``: the optimizer state, after the weights were written;
-    ``final``: the final model) fails as a full disk or a read-only folder would, after writing part of it."""
+    ``final``: the final model, refused as a read-only folder refuses it; ``weights``: any model's safetensors
+    file, cut short as a full disk cuts it, with the error safetensors' writer raises then) fails."""
     if what == "checkpoint":
         from dpo_lib import checkpoints
         original = checkpoints.torch.save
@@ -86,6 +87,14 @@ def _fail_at(what: str, call: int, code: int, message: str) -> None:
                 raise OSError(code, message, str(f))
             return original(obj, f, *a, **kw)
         checkpoints.torch.save = save
+    elif what == "weights":
+        from safetensors import SafetensorError
+        from transformers import modeling_utils
+
+        def safe_save_file(tensors, filename, *a, **kw):
+            Path(filename).write_bytes(b"\0" * 1000)  # what was written before the disk filled up
+            raise SafetensorError(f"Error while serializing: I/O error: {message} (os error {code})")
+        modeling_utils.safe_save_file = safe_save_file
     else:
         from transformers import PreTrainedModel
 

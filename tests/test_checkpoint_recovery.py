@@ -119,12 +119,15 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
     assert same(weights(d / "run"), weights(out))
 
 
-def test_a_failed_final_save_is_an_error(finished, tmp_path):
+@pytest.mark.parametrize("fail,error,message", [("final", "EROFS", "Read-only file system"),
+                                                 ("weights", "ENOSPC", "No space left on device (os error 28)")])
+def test_a_failed_final_save_is_an_error(finished, tmp_path, fail, error, message):
+    """A read-only folder (an OSError) or a full disk in the weights' write (safetensors' own error, not an
+    OSError): one line naming the folder, exit 2, no summary, the last checkpoint kept."""
     d = finished
     out = tmp_path / "run"
-    res = cli(*args(d, out), env=hook_env(tmp_path / "hook", fail="final", error="EROFS"))
+    res = cli(*args(d, out), env=hook_env(tmp_path / "hook", fail=fail, error=error))
     assert res.returncode == 2, res.stderr[-2000:]
-    assert errors(res.stderr) == [
-        f"error: cannot write the final model in {out / 'final'}: Read-only file system"]
+    assert errors(res.stderr) == [f"error: cannot write the final model in {out / 'final'}: {message}"]
     assert not (out / "summary.json").exists()
     assert json.loads((out / "checkpoints" / "step-000006" / "manifest.json").read_text())["step"] == 6

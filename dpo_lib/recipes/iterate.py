@@ -35,7 +35,10 @@ Files under ``OUT``::
     summary.json           a list: one entry per finished round (the round summaries)
     round_K/pairs.jsonl    the round's pairs (course schema, plus score_chosen / score_rejected)
     round_K/metrics.jsonl  the trainer's metrics, one line per step
-    round_K/policy/        the policy after round K (safetensors, with its tokenizer)
+    round_K/policy/        the policy after round K (safetensors, with its tokenizer): kept for round 1
+                           (:func:`branch` starts from it) and the last finished round (resume starts from
+                           it); once round K + 1 is finished, round K's is deleted (``keep_every_policy``
+                           keeps them all)
     round_K/summary.json   written last, atomically: the round is finished iff it exists
 
 Resume: a re-run with the same settings continues at the first round without a summary (that
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -64,7 +68,18 @@ from dpo_lib.features import tokenize_rows
 from dpo_lib.losses import needs_reference
 from dpo_lib.models import load_model
 from dpo_lib.precision import autocast
-from dpo_lib.recipes.run import Setup, check_card, claim_folder, evaluate, plain, run_card, start, summarize, write_json
+from dpo_lib.recipes.run import (
+    Setup,
+    check_card,
+    claim_folder,
+    evaluate,
+    plain,
+    run_card,
+    save_model,
+    start,
+    summarize,
+    write_json,
+)
 from dpo_lib.reference import FrozenReference, precompute_reference_logps
 from dpo_lib.sampling import JudgeError, make_pairs, score_samples
 from dpo_lib.settings import UserError
@@ -75,7 +90,7 @@ __all__ = ["ITERATE_FREE", "IterationError", "branch", "finished_rounds", "itera
 
 # settings a re-run may change: they change no round's result (rounds: a longer run continues)
 ITERATE_FREE = {"print_every", "threads", "out", "rounds", "prompts", "eval_dataset", "save_every", "capability",
-                "keep_checkpoints"}
+                "keep_checkpoints", "keep_every_policy"}
 ROUND_1_FREE = {"reference"}  # settings round 1 does not read: its reference is the starting model in both modes
 CARD_KEYS = {"data_sha256_16": "the training data", "model_fingerprint": "the model", "judge": "the judge",
              "heldout_data_sha256_16": "the held-out data"}
@@ -159,6 +174,8 @@ def iterate(out: str | Path, settings: IterateConfig, job: JobConfig | None = No
         for k in range(done + 1, settings.rounds + 1):
             summaries.append(_round(k, loop, policy))
             write_json(out / "summary.json", summaries)
+            if k > 2 and not settings.keep_every_policy:  # round k - 1's policy: neither round 1's nor the last
+                shutil.rmtree(round_dir(out, k - 1) / "policy", ignore_errors=True)
         return summaries
     finally:
         lock.close()
@@ -190,7 +207,8 @@ def branch(src: str | Path, dst: str | Path) -> Path:
     baseline and ``round_1/``, so that :func:`iterate` on ``dst`` resumes at round 2. Round 1 does not
     depend on the reference mode (both train against the starting model), so ``dst`` may be continued
     with ``reference="previous"`` from an ``initial`` run (the other settings must stay the same, as
-    on any resume). Saves one round of sampling and training per extra arm; ``dst`` must not exist."""
+    on any resume). Saves one round of sampling and training per extra arm; ``dst`` must not exist.
+    The files are hard links where the file system allows (no second copy of the policy on disk)."""
     src, dst = Path(src), Path(dst)
     if finished_rounds(src) < 1:
         raise IterationError(f"{src}: no finished round 1 to branch from (no {round_dir(src, 1) / 'summary.json'})")
@@ -199,10 +217,19 @@ def branch(src: str | Path, dst: str | Path) -> Path:
     dst.mkdir(parents=True)
     for name in ("run_card.json", "baseline.json"):
         shutil.copy2(src / name, dst / name)
-    shutil.copytree(round_dir(src, 1), round_dir(dst, 1))
+    shutil.copytree(round_dir(src, 1), round_dir(dst, 1), copy_function=_link_or_copy)
     first = json.loads((round_dir(src, 1) / "summary.json").read_text())
     write_json(dst / "summary.json", [first])
     return dst
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link (no new disk space: :func:`branch`'s copy of a round is never written to, only
+    replaced or deleted), or a copy where the file system has none (another device, FAT)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _judged(judge, samples: list[dict], prompts: list, where: str) -> list[float]:
@@ -275,8 +302,7 @@ def _round(k: int, loop: Loop, policy) -> dict:
     t_train = time.perf_counter()
     history = trainer.train(callbacks=[heldout])
     train_seconds = time.perf_counter() - t_train
-    policy.save_pretrained(rd / "policy", safe_serialization=True)
-    s.tokenizer.save_pretrained(rd / "policy")
+    save_model(rd / "policy", policy, s.tokenizer, f"round {k}'s policy")
     final = heldout.last if heldout.last and heldout.last["step"] == trainer.total_steps else None
     after = evaluate(replace(s, model=policy), loop.job, loop.true_reward, with_kl=True,
                      accuracy=None if previous else final)

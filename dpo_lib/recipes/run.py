@@ -38,8 +38,8 @@ from dpo_lib.settings import UserError
 from dpo_lib.stats import gain
 
 __all__ = ["ResumeMismatch", "RunFolderBusy", "Setup", "check_card", "claim_folder", "evaluate", "heldout",
-           "plain", "prompt_text", "reference_key", "resume_conflicts", "run_card", "start", "summarize",
-           "write_json"]
+           "plain", "prompt_text", "reference_key", "resume_conflicts", "run_card", "save_model", "start",
+           "summarize", "write_json"]
 
 
 class RunFolderBusy(UserError):
@@ -80,6 +80,22 @@ def claim_folder(out: Path):
 def write_json(path: Path, obj) -> None:
     """``obj`` as indented JSON, written atomically (a crash leaves the old file or the new one)."""
     atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+def save_model(folder: Path, model, tokenizer, what: str) -> None:
+    """``model`` (safetensors) and ``tokenizer`` in ``folder``. A save that fails, or leaves no weights, is a
+    :class:`UserError` naming ``what`` and the folder: a full disk shows up as safetensors' own error
+    (``Error while serializing: I/O error: No space left on device (os error 28)``), not as an OSError."""
+    from safetensors import SafetensorError
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+    except (OSError, SafetensorError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else \
+            str(e).removeprefix("Error while serializing: ").removeprefix("I/O error: ")
+        raise UserError(f"cannot write {what} in {folder}: {why}") from e
+    if not any(Path(folder).glob("*.safetensors")):
+        raise UserError(f"{what} was not saved in {folder} (no *.safetensors there)")
 
 
 def plain(d: dict) -> dict:

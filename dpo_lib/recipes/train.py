@@ -44,6 +44,7 @@ from dpo_lib.recipes.run import (
     prompt_text,
     reference_key,
     run_card,
+    save_model,
     start,
     summarize,
     write_json,
@@ -195,20 +196,9 @@ def _clear(out: Path) -> None:
     print(f"[dpo_lib] --overwrite: deleted the previous run in {out}")
 
 
-def _save_final(final: Path, s: Setup) -> None:
-    """The trained weights and tokenizer in ``final``; a save that fails, or leaves no weights, is an error."""
-    try:
-        s.model.save_pretrained(final, safe_serialization=True)
-        s.tokenizer.save_pretrained(final)
-    except OSError as e:
-        raise UserError(f"cannot write the final model in {final}: {e.strerror or e}") from e
-    if not any(final.glob("*.safetensors")):
-        raise UserError(f"the final model was not saved in {final} (no *.safetensors there)")
-
-
 def _write_outputs(out: Path, s: Setup, before: dict, after: dict, history: list[dict], summary: dict,
                    card: dict) -> None:
-    _save_final(out / "final", s)
+    save_model(out / "final", s.model, s.tokenizer, "the final model")
     if "samples" in before:
         prompts = [prompt_text(s.eval_prompts[x["prompt_index"]]) for x in before["samples"]]
         table = side_by_side(prompts, [x["text"] for x in before["samples"]], [x["text"] for x in after["samples"]],

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from _hooks import hook_env
 from _tiny import save_tiny, toy_rows, train_config, write_jsonl
 
 from dpo_lib.config import IterateConfig, JobConfig
@@ -77,7 +78,8 @@ def configs(setup, out, **kw):
     settings = IterateConfig(prompts=setup["prompts"], rounds=kw.pop("rounds", 2), samples_per_prompt=3,
                              min_gap=kw.pop("min_gap", 0.05), reference=kw.pop("reference", "initial"),
                              sample_max_new_tokens=8,
-                             incomplete=kw.pop("incomplete", "keep"))  # a random model ends few answers: keep them
+                             incomplete=kw.pop("incomplete", "keep"),  # a random model ends few answers: keep them
+                             keep_every_policy=kw.pop("keep_every_policy", False))
     job = JobConfig(model=str(setup["model"]), eval_dataset=setup["test"], out=out, max_new_tokens=8,
                     eval_samples=1, max_eval_prompts=4, eval_every=0)
     config = train_config(batch_size=4, max_steps=3, learning_rate=1e-3, print_every=0, **kw)
@@ -315,6 +317,24 @@ def test_branch_continues_round_1_with_the_previous_reference(setup, initial_run
         branch(setup["dir"] / "nothing-here", setup["dir"] / "branch-of-nothing")
 
 
+def test_a_finished_round_deletes_the_policy_before_it_except_round_1s(setup, initial_run):
+    """Kept: round 1's policy (a branch starts from it) and the last round's (a resume does); a branch's
+    round 1 is a hard link to its source's, not a second copy. ``keep_every_policy`` keeps them all."""
+    src, _ = initial_run
+    dst = branch(src, setup["dir"] / "pruned")
+    weights = [round_dir(out, 1) / "policy" / "model.safetensors" for out in (src, dst)]
+    assert os.path.samefile(*weights)
+    summaries = iterate(dst, *configs(setup, dst, rounds=3), judge=CharJudge(), true_reward=CharJudge())
+    assert [s["round"] for s in summaries] == [1, 2, 3]
+    assert all(w.is_file() for w in weights) and (round_dir(src, 2) / "policy").is_dir()
+    assert not (round_dir(dst, 2) / "policy").exists()
+    assert (round_dir(dst, 3) / "policy" / "model.safetensors").is_file()
+    summaries = iterate(dst, *configs(setup, dst, rounds=4, keep_every_policy=True), judge=CharJudge(),
+                        true_reward=CharJudge())  # resumes from round 3's policy; the flag is free to change
+    assert [s["round"] for s in summaries] == [1, 2, 3, 4]
+    assert all((round_dir(dst, k) / "policy" / "model.safetensors").is_file() for k in (1, 3, 4))
+
+
 def test_the_reference_mode_may_change_only_while_round_1_alone_is_finished(setup, initial_run):
     out, _ = initial_run  # two rounds finished: round 2 depended on the mode
     with pytest.raises(ResumeMismatch, match="--reference initial \\(now previous\\)"):
@@ -347,8 +367,8 @@ def test_reward_model_judge_scores_prompt_and_answer():
 
 # ---------------------------------------------------------------- the command line
 
-def cli(*args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+def cli(*args, env=None):
+    env = env or dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     return subprocess.run([sys.executable, "-m", "dpo_lib", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=300, cwd=REPO)
 
@@ -422,6 +442,12 @@ def test_cli_iterate_runs_resumes_and_refuses_other_settings(setup):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "error: round 1: 0 pairs to train on from 8 prompts (8 without a preference" in res.stderr, res.stderr
     assert not (round_dir(setup["dir"] / "cli-no-pairs", 1) / "summary.json").exists()
+    full = setup["dir"] / "cli-disk-full"  # the policy's weights cut short by a full disk: one line, exit 2
+    res = cli(*iterate_args(full), env=hook_env(setup["dir"] / "hook", fail="weights"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == f"error: cannot write round 1's policy in " \
+        f"{round_dir(full, 1) / 'policy'}: No space left on device (os error 28)"
+    assert finished_rounds(full) == 0  # the round is not finished: a re-run redoes it
 
 
 def test_sampler_setting_reaches_every_sample_of_a_round(setup, monkeypatch):
