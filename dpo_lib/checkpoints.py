@@ -18,17 +18,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from dpo_lib.settings import UserError
 
 __all__ = ["CheckpointWriteError", "atomic_write_text", "checkpoint_folders", "file_sha256", "latest_checkpoint",
-           "load", "read_checkpoint", "resume", "save", "trainer_state", "verify", "write_checkpoint"]
+           "load", "read_checkpoint", "resume", "safetensors_os_errors", "save", "trainer_state", "verify",
+           "write_checkpoint"]
 
 MANIFEST = "manifest.json"
 FILES = ("model.safetensors", "optimizer.pt", "trainer_state.json")
@@ -36,6 +40,24 @@ FILES = ("model.safetensors", "optimizer.pt", "trainer_state.json")
 
 class CheckpointWriteError(UserError):
     """A checkpoint could not be written (a full disk, a read-only folder): nothing half-written is left."""
+
+
+_IO_ERROR = re.compile(r"I/O error: (.*\(os error (\d+)\))")
+
+
+@contextmanager
+def safetensors_os_errors(path: Path):
+    """A safetensors write that fails for the operating system's reasons (a full disk) raises safetensors'
+    own ``SafetensorError``: ``Error while serializing: I/O error: No space left on device (os error 28)``.
+    Within the block it is raised as the ``OSError`` it was (strerror ``No space left on device (os error
+    28)``, filename ``path``), so that the callers' ``except OSError`` see every failed write."""
+    try:
+        yield
+    except SafetensorError as e:
+        found = _IO_ERROR.search(str(e))
+        if found is None:
+            raise
+        raise OSError(int(found[2]), found[1], str(path)) from e
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -96,7 +118,8 @@ def latest_checkpoint(out: Path | None) -> Path | None:
 
 def _write_files(tmp: Path, model, optimizer, scheduler, state: dict) -> None:
     """The checkpoint's files, flushed, then its manifest (sizes and sha256), written last."""
-    save_model(model, str(tmp / "model.safetensors"))
+    with safetensors_os_errors(tmp / "model.safetensors"):
+        save_model(model, str(tmp / "model.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state))

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dpo_lib.checkpoints import file_sha256
+from dpo_lib.checkpoints import file_sha256, safetensors_os_errors
 from dpo_lib.settings import UserError
 
 __all__ = ["DEFAULT_MODEL", "GGUF_FILE", "GGUF_PACKAGE", "GGUF_WHEEL", "INSTALL_HINT", "MANIFEST",
@@ -110,7 +110,8 @@ def convert_gguf_to_cache(gguf: Path, cache: Path) -> Path:
     model.load_state_dict(gguf_model.state_dict())
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp-", dir=cache.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
+    with safetensors_os_errors(tmp / "model.safetensors"):  # a full disk: the CLI's one-line OSError
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     write_manifest(tmp, source=f"{GGUF_WHEEL}:{GGUF_FILE} sha256={file_sha256(gguf)}")
     if cache.exists():

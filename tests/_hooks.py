@@ -73,9 +73,24 @@ def _signal_at(signum: int, at: str, step: int) -> None:
 
 def _fail_at(what: str, call: int, code: int, message: str) -> None:
     """The ``call``-th write of ``what`` (``checkpoint``: the optimizer state, after the weights were written;
-    ``final``: the final model, refused as a read-only folder refuses it; ``weights``: any model's safetensors
-    file, cut short as a full disk cuts it, with the error safetensors' writer raises then) fails."""
-    if what == "checkpoint":
+    ``final``: the final model, refused as a read-only folder refuses it; ``weights``: the safetensors file of
+    any ``save_pretrained``, ``checkpoint-weights``: a checkpoint's, each cut short as a full disk cuts it, with
+    the error safetensors' writer raises then) fails."""
+    from safetensors import SafetensorError
+    full = SafetensorError(f"Error while serializing: I/O error: {message} (os error {code})")
+    if what == "checkpoint-weights":
+        from dpo_lib import checkpoints
+        original_save_model = checkpoints.save_model
+        counter = {"n": 0}
+
+        def save_model(model, filename, *a, **kw):
+            counter["n"] += 1
+            if counter["n"] == call:
+                Path(filename).write_bytes(b"\0" * 1000)  # what was written before the disk filled up
+                raise full
+            return original_save_model(model, filename, *a, **kw)
+        checkpoints.save_model = save_model
+    elif what == "checkpoint":
         from dpo_lib import checkpoints
         original = checkpoints.torch.save
         counter = {"n": 0}
@@ -88,12 +103,11 @@ def _fail_at(what: str, call: int, code: int, message: str) -> None:
             return original(obj, f, *a, **kw)
         checkpoints.torch.save = save
     elif what == "weights":
-        from safetensors import SafetensorError
         from transformers import modeling_utils
 
         def safe_save_file(tensors, filename, *a, **kw):
             Path(filename).write_bytes(b"\0" * 1000)  # what was written before the disk filled up
-            raise SafetensorError(f"Error while serializing: I/O error: {message} (os error {code})")
+            raise full
         modeling_utils.safe_save_file = safe_save_file
     else:
         from transformers import PreTrainedModel

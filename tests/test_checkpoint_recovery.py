@@ -119,6 +119,19 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
     assert same(weights(d / "run"), weights(out))
 
 
+def test_a_full_disk_in_a_checkpoints_weights_is_one_line_and_keeps_the_last_checkpoint(finished, tmp_path):
+    """The weights' write (safetensors, whose own error a full disk raises, not an OSError) fails in the
+    second checkpoint: the same one line as a failed optimizer-state write, no temporary folder left."""
+    d = finished
+    out = tmp_path / "run"
+    res = cli(*args(d, out), env=hook_env(tmp_path / "hook", fail="checkpoint-weights", call=2))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert errors(res.stderr) == [
+        f"error: cannot write checkpoint step-000004 in {out / 'checkpoints'}: No space left on device "
+        "(os error 28) (last complete checkpoint: step-000002)"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000002"]
+
+
 @pytest.mark.parametrize("fail,error,message", [("final", "EROFS", "Read-only file system"),
                                                  ("weights", "ENOSPC", "No space left on device (os error 28)")])
 def test_a_failed_final_save_is_an_error(finished, tmp_path, fail, error, message):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_lib.checkpoints import atomic_write_text
+from dpo_lib.checkpoints import atomic_write_text, safetensors_os_errors
 from dpo_lib.config import JobConfig, TrainConfig
 from dpo_lib.data import data_hash, load_preferences
 from dpo_lib.evaluation import implicit_reward_accuracy, mean_and_se, sequence_kl, win_rate
@@ -83,17 +83,14 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_model(folder: Path, model, tokenizer, what: str) -> None:
-    """``model`` (safetensors) and ``tokenizer`` in ``folder``. A save that fails, or leaves no weights, is a
-    :class:`UserError` naming ``what`` and the folder: a full disk shows up as safetensors' own error
-    (``Error while serializing: I/O error: No space left on device (os error 28)``), not as an OSError."""
-    from safetensors import SafetensorError
+    """``model`` (safetensors) and ``tokenizer`` in ``folder``. A save that fails (a full disk, a read-only
+    folder), or leaves no weights, is a :class:`UserError` naming ``what`` and the folder."""
     try:
-        model.save_pretrained(folder, safe_serialization=True)
+        with safetensors_os_errors(Path(folder) / "model.safetensors"):
+            model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-    except (OSError, SafetensorError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else \
-            str(e).removeprefix("Error while serializing: ").removeprefix("I/O error: ")
-        raise UserError(f"cannot write {what} in {folder}: {why}") from e
+    except OSError as e:
+        raise UserError(f"cannot write {what} in {folder}: {e.strerror or e}") from e
     if not any(Path(folder).glob("*.safetensors")):
         raise UserError(f"{what} was not saved in {folder} (no *.safetensors there)")
 
